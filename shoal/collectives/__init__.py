@@ -1,0 +1,1 @@
+"""Fault-tolerant all-reduce over libp2p streams (not built yet)."""

@@ -1,0 +1,1 @@
+"""Who has X: signed, expiring records for model shards and weight files (not built yet)."""

@@ -1,0 +1,1 @@
+"""Torch ops only: norms, RoPE, attention with KV cache, sampling, codecs (not built yet)."""

@@ -1,0 +1,98 @@
+"""The daemon's HTTP API: a starlette app served by hypercorn's trio worker.
+
+Routes now: GET /v1/health, GET /v1/status, POST /v1/ping. Later issues add the
+OpenAI-compatible routes, the swarm view and the status page to the same app.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from typing import Any, Protocol
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from shoal import __version__
+from shoal.errors import Error
+from shoal.node.config import parse_bind
+from shoal.transport.ping import MAX_PING_BYTES
+
+log = logging.getLogger(__name__)
+
+
+class NodeView(Protocol):
+    """What the API needs from the running node."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def ping(self, peer: str, size: int, seed: int) -> dict[str, Any]: ...
+
+
+def error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def build_api(node: NodeView) -> Starlette:
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True, "version": __version__})
+
+    async def status(request: Request) -> JSONResponse:
+        return JSONResponse(node.status())
+
+    async def ping(request: Request) -> JSONResponse:
+        try:
+            body = json.loads(await request.body())
+        except ValueError as exc:
+            return error(400, "bad_json", f"request body is not JSON: {exc}")
+        if not isinstance(body, dict) or not isinstance(body.get("peer"), str):
+            return error(400, "bad_request", 'expected {"peer": "<peer id>", "bytes": N}')
+        size, seed = body.get("bytes", 1024), body.get("seed", random.getrandbits(32))
+        if not isinstance(size, int) or not 0 <= size <= MAX_PING_BYTES:
+            return error(400, "bad_request", f"bytes must be an integer in [0, {MAX_PING_BYTES}]")
+        if not isinstance(seed, int):
+            return error(400, "bad_request", "seed must be an integer")
+        try:
+            return JSONResponse(await node.ping(body["peer"], size, seed))
+        except Error as exc:
+            return error(502, "peer_failed", str(exc))
+
+    return Starlette(
+        routes=[
+            Route("/v1/health", health),
+            Route("/v1/status", status),
+            Route("/v1/ping", ping, methods=["POST"]),
+        ]
+    )
+
+
+async def serve_api(
+    app: Starlette,
+    bind: str,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on ``bind`` (HOST:PORT); reports the base URL once listening."""
+    host, port = parse_bind(bind)
+    config = HypercornConfig()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("shoal.node.http")
+    config.graceful_timeout = 1.0
+    async with trio.open_nursery() as nursery:
+        bound: list[str] = await nursery.start(_serve, app, config)
+        url = bound[0] if bound else f"http://{host}:{port}"
+        log.info("HTTP API on %s", url)
+        task_status.started(url)
+
+
+async def _serve(
+    app: Starlette, config: HypercornConfig, *, task_status: trio.TaskStatus[list[str]]
+) -> None:
+    await serve(app, config, task_status=task_status)  # type: ignore[arg-type]

@@ -1,0 +1,201 @@
+"""The ``shoal`` command line."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import trio
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shoal.errors import Error
+from shoal.node.config import DEFAULT_API, NodeConfig, default_data_dir, load_config
+from shoal.node.errors import ConfigError
+from shoal.node.logs import setup_logging
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+@app.command()
+def node(
+    config_file: Annotated[Path | None, typer.Option("--config", help="TOML config file")] = None,
+    bootstrap: Annotated[
+        list[str] | None, typer.Option("--bootstrap", "-b", help="full multiaddr of a peer (repeatable)")
+    ] = None,
+    listen: Annotated[list[str] | None, typer.Option(help="multiaddr to listen on (repeatable)")] = None,
+    announce: Annotated[list[str] | None, typer.Option(help="multiaddr to advertise (repeatable)")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="identity and state (default ~/.shoal)")] = None,
+    relay: Annotated[bool | None, typer.Option("--relay/--no-relay", help="serve as a relay for peers behind NAT")] = None,
+    swarm: Annotated[str | None, typer.Option(help="swarm name (default: main)")] = None,
+    swarm_key: Annotated[Path | None, typer.Option(help="pnet key file of a private swarm")] = None,
+    api: Annotated[str | None, typer.Option(help=f"HTTP API HOST:PORT, or 'off' (default {DEFAULT_API})")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
+) -> None:
+    """Run a node daemon and join a swarm."""
+    try:
+        config = load_config(
+            config_file,
+            {
+                "bootstrap": tuple(bootstrap or ()),
+                "listen": tuple(listen or ()),
+                "announce": tuple(announce or ()),
+                "data_dir": data_dir,
+                "relay": relay,
+                "swarm": swarm,
+                "swarm_key": swarm_key,
+                "api": api,
+                "log_level": log_level,
+            },
+        )
+        peer_id = _peer_id(config.data_dir)
+    except Error as exc:
+        _fail(str(exc), 2)
+        return
+    setup_logging(config.log_level, peer_id)
+    try:
+        trio.run(_run_until_signal, config)
+    except Error as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{exc}; is another node using the same port? pick one with --listen")
+
+
+async def _run_until_signal(config: NodeConfig) -> None:
+    from shoal.node.daemon import run_node
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_node, config)
+            async for signum in signals:
+                err.print(f"received {signal.Signals(signum).name}, shutting down")
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _peer_id(data_dir: Path) -> str:
+    from shoal.transport.identity import load_or_create_identity, peer_id_of
+
+    return str(peer_id_of(load_or_create_identity(data_dir)))
+
+
+@app.command("id")
+def show_id(
+    data_dir: Annotated[Path | None, typer.Option(help="identity and state (default ~/.shoal)")] = None,
+    config_file: Annotated[Path | None, typer.Option("--config", help="TOML config file")] = None,
+) -> None:
+    """Print this node's peer id and the multiaddrs others bootstrap from."""
+    from shoal.node.daemon import RUNTIME_FILE
+    from shoal.transport.host import expand_wildcards
+
+    try:
+        config = load_config(config_file, {"data_dir": data_dir})
+        peer_id = _peer_id(config.data_dir)
+    except Error as exc:
+        _fail(str(exc), 2)
+        return
+    runtime = config.data_dir / RUNTIME_FILE
+    if runtime.exists():  # a running daemon knows its real ports and relayed addresses
+        addrs = json.loads(runtime.read_text()).get("addrs", [])
+    else:
+        addrs = expand_wildcards([f"{a}/p2p/{peer_id}" for a in config.listen])
+        addrs = [a for a in addrs if "/tcp/0/" not in a]
+    out.print(f"peer id: {peer_id}")
+    if not addrs:
+        out.print("no addresses: start `shoal node` to learn them")
+    for addr in addrs:
+        out.print(addr, soft_wrap=True, highlight=False)
+
+
+@app.command()
+def keygen(
+    path: Annotated[Path, typer.Argument(help="where to write the key")] = Path("swarm.key"),
+) -> None:
+    """Write a new swarm key for a private swarm (pass it to every node with --swarm-key)."""
+    from shoal.transport.swarmkey import write_swarm_key
+
+    try:
+        write_swarm_key(path)
+    except FileExistsError:
+        _fail(f"{path} exists; refusing to overwrite a swarm key (delete it first)")
+    out.print(f"wrote {path}; start every node of the swarm with --swarm-key {path}")
+
+
+def _api_get(api: str, path: str) -> Any:
+    url = api if api.startswith("http") else f"http://{api}"
+    try:
+        response = httpx.get(f"{url}{path}", timeout=5)
+        response.raise_for_status()
+        return response.json()
+    except httpx.HTTPError as exc:
+        _fail(f"cannot reach the node's API at {url} ({exc}); is `shoal node` running? pass --api")
+
+
+@app.command()
+def status(
+    api: Annotated[str, typer.Option(help="the node's API, HOST:PORT or URL")] = DEFAULT_API,
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON")] = False,
+) -> None:
+    """Show a running node's identity, reachability and peers."""
+    data = _api_get(api, "/v1/status")
+    if as_json:
+        out.print_json(data=data)
+        return
+    out.print(f"[bold]peer id[/]       {data['peer_id']}")
+    out.print(f"[bold]swarm[/]         {data['swarm']}{' (private)' if data['private_swarm'] else ''}")
+    out.print(f"[bold]reachability[/]  {data['reachability']}")
+    out.print(f"[bold]relay service[/] {'on' if data['relay_service'] else 'off'}")
+    for addr in data["addrs"]:
+        out.print(f"[bold]address[/]       {addr}", soft_wrap=True, highlight=False)
+    table = Table(title=f"{len(data['peers'])} connected peer(s)")
+    table.add_column("peer id")
+    table.add_column("link")
+    table.add_column("address")
+    for peer in data["peers"]:
+        table.add_row(peer["peer_id"], "relayed" if peer["relayed"] else "direct", "\n".join(peer["addrs"]))
+    out.print(table)
+
+
+@app.command()
+def ping(
+    peer: Annotated[str, typer.Argument(help="peer id of a connected peer")],
+    size: Annotated[int, typer.Option("--bytes", help="payload size")] = 1024,
+    api: Annotated[str, typer.Option(help="the node's API, HOST:PORT or URL")] = DEFAULT_API,
+) -> None:
+    """Send a payload to a peer through a running node and check it comes back intact."""
+    url = api if api.startswith("http") else f"http://{api}"
+    try:
+        response = httpx.post(f"{url}/v1/ping", json={"peer": peer, "bytes": size}, timeout=180)
+    except httpx.HTTPError as exc:
+        _fail(f"cannot reach the node's API at {url} ({exc}); is `shoal node` running?")
+        return
+    data = response.json()
+    if response.status_code != 200:
+        _fail(data["error"]["message"])
+    mbps = 2 * data["bytes"] / data["seconds"] / 1e6 if data["seconds"] else 0.0
+    verdict = "intact" if data["intact"] else "[red]CORRUPTED[/]"
+    out.print(f"{data['bytes']} bytes to {peer}: {data['seconds'] * 1e3:.2f} ms, {mbps:.1f} MB/s, {verdict}")
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:
+        err.print(f"error: {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Node configuration: a TOML file plus command-line flags, flags winning.
+
+This is the only module that reads configuration files and the environment. The TOML
+file uses the flag names with underscores (``data_dir``, ``swarm_key``, ...)::
+
+    listen = ["/ip4/0.0.0.0/tcp/4001"]
+    bootstrap = ["/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW..."]
+    relay = true
+    swarm = "main"
+    api = "127.0.0.1:8470"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from shoal.node.errors import ConfigError
+from shoal.transport.host import DEFAULT_LISTEN
+
+DEFAULT_API = "127.0.0.1:8470"
+
+
+def default_data_dir() -> Path:
+    """``$SHOAL_HOME`` if set, else ``~/.shoal``."""
+    return Path(os.environ.get("SHOAL_HOME", "~/.shoal")).expanduser()
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    """Everything a node daemon needs to start.
+
+    data_dir: identity key, known peers and state (default ~/.shoal or $SHOAL_HOME).
+    listen: libp2p multiaddrs to listen on (default /ip4/0.0.0.0/tcp/4001).
+    announce: addresses to advertise instead of the listen addresses.
+    bootstrap: full multiaddrs (with /p2p/<id>) of peers to join through.
+    relay: run a Circuit Relay v2 hop service for peers behind NAT (public nodes).
+    swarm: the swarm's name; it prefixes DHT keys and gossip topics.
+    swarm_key: a pnet key file for a private swarm (see `shoal keygen`).
+    api: HOST:PORT for the HTTP API, or None to run without it.
+    target_peers: connections the node keeps to other peers.
+    log_level: debug, info, warning or error.
+    """
+
+    data_dir: Path
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    announce: tuple[str, ...] = ()
+    bootstrap: tuple[str, ...] = ()
+    relay: bool = False
+    swarm: str = "main"
+    swarm_key: Path | None = None
+    api: str | None = DEFAULT_API
+    target_peers: int = 16
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            raise ConfigError("listen: give at least one multiaddr to listen on")
+        for addr in self.bootstrap:
+            if "/p2p/" not in addr:
+                raise ConfigError(
+                    f"bootstrap address {addr!r} has no /p2p/<peer id>; "
+                    "copy the full address that `shoal id` prints on that node"
+                )
+        if not self.swarm or not all(c.isalnum() or c in "-_." for c in self.swarm):
+            raise ConfigError(f"swarm name {self.swarm!r}: use letters, digits, '-', '_', '.'")
+        if self.api is not None:
+            parse_bind(self.api)
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log_level {self.log_level!r}: use debug, info, warning or error")
+        if self.target_peers < 1:
+            raise ConfigError("target_peers must be at least 1")
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    """``HOST:PORT`` -> (host, port); port 0 picks a free port."""
+    host, sep, port = bind.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"api address {bind!r}: expected HOST:PORT, e.g. {DEFAULT_API}")
+    return host.strip("[]"), int(port)
+
+
+_TUPLES = {"listen", "announce", "bootstrap"}
+_PATHS = {"data_dir", "swarm_key"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name in _TUPLES:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name}: expected a list of multiaddr strings")
+        return tuple(value)
+    if name in _PATHS:
+        if not isinstance(value, str | Path):
+            raise ConfigError(f"{name}: expected a path")
+        return Path(value).expanduser()
+    if name == "api" and value in ("", "off", "none", False):
+        return None
+    return value
+
+
+def load_config(path: Path | None, overrides: Mapping[str, Any]) -> NodeConfig:
+    """Read ``path`` (TOML) if given, then apply ``overrides`` (flags; None = not given)."""
+    known = {f.name for f in fields(NodeConfig)}
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"config file {path}: unknown keys {unknown}; known: {sorted(known)}")
+        values.update(data)
+    for name, value in overrides.items():
+        if name not in known:
+            raise ConfigError(f"unknown option {name}")
+        if value is not None and value != ():
+            values[name] = value
+    coerced = {name: _coerce(name, value) for name, value in values.items()}
+    coerced.setdefault("data_dir", default_data_dir())
+    types = {f.name: f.type for f in fields(NodeConfig)}
+    for name in ("relay",):
+        if name in coerced and not isinstance(coerced[name], bool):
+            raise ConfigError(f"{name}: expected true or false, got {coerced[name]!r}")
+    for name in ("swarm", "log_level"):
+        if name in coerced and not isinstance(coerced[name], str):
+            raise ConfigError(f"{name}: expected a string ({types[name]})")
+    if "target_peers" in coerced and not isinstance(coerced["target_peers"], int):
+        raise ConfigError("target_peers: expected an integer")
+    return NodeConfig(**coerced)
+

@@ -1,0 +1,140 @@
+"""The node daemon: one trio nursery for every service of one node.
+
+``run_node(config)`` loads the identity, opens the libp2p host, starts peering (bootstrap
+and peer exchange), NAT traversal, the diagnostic ping and the HTTP API, and runs until
+cancelled. On the way out it persists the known peers and removes its runtime file; the
+host is closed by ``open_host`` on every path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+from libp2p.peer.id import ID
+
+from shoal import __version__
+from shoal.node.api import build_api, serve_api
+from shoal.node.config import NodeConfig
+from shoal.node.errors import NodeError
+from shoal.transport.host import Host, HostConfig, open_host
+from shoal.transport.identity import load_or_create_identity
+from shoal.transport.peering import Peering, PeeringConfig, PeerTable
+from shoal.transport.ping import call_ping, serve_ping
+from shoal.transport.swarmkey import read_swarm_key
+
+log = logging.getLogger(__name__)
+
+PEERS_FILE = "peers.json"
+RUNTIME_FILE = "node.json"
+
+
+@dataclass
+class Node:
+    """The running node, as the API and the CLI see it."""
+
+    config: NodeConfig
+    host: Host
+    peering: Peering
+    api_url: str | None = None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "peer_id": str(self.host.peer_id),
+            "version": __version__,
+            "swarm": self.config.swarm,
+            "private_swarm": self.config.swarm_key is not None,
+            "relay_service": self.config.relay,
+            "addrs": self.host.advertised_addrs(),
+            "listen_addrs": self.host.listen_addrs(),
+            "reachability": self.host.reachability.value,
+            "api": self.api_url,
+            "peers": [
+                {"peer_id": link.peer_id, "addrs": list(link.addrs), "relayed": link.relayed}
+                for link in self.host.links()
+            ],
+        }
+
+    async def ping(self, peer: str, size: int, seed: int) -> dict[str, Any]:
+        try:
+            peer_id = ID.from_base58(peer)
+        except Exception as exc:
+            raise NodeError(f"{peer!r} is not a peer id") from exc
+        payload = random.Random(seed).randbytes(size)
+        result = await call_ping(self.host, peer_id, payload)
+        return {
+            "peer": result.peer,
+            "bytes": result.size,
+            "seed": seed,
+            "seconds": result.seconds,
+            "sent_sha256": result.sent_sha256,
+            "remote_sha256": result.remote_sha256,
+            "echoed_sha256": result.echoed_sha256,
+            "intact": result.intact,
+        }
+
+
+def _load_peers(path: Path, table: PeerTable) -> None:
+    try:
+        table.load_json(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+async def run_node(
+    config: NodeConfig, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED
+) -> None:
+    key_pair = load_or_create_identity(config.data_dir)
+    psk = read_swarm_key(config.swarm_key) if config.swarm_key else None
+    host_config = HostConfig(
+        key_pair=key_pair, listen=config.listen, announce=config.announce, psk=psk
+    )
+    async with open_host(host_config) as host:
+        table = PeerTable(str(host.peer_id))
+        _load_peers(config.data_dir / PEERS_FILE, table)
+        peering = Peering(
+            host,
+            PeeringConfig(bootstrap=config.bootstrap, target_peers=config.target_peers),
+            table,
+        )
+        node = Node(config, host, peering)
+        try:
+            async with trio.open_nursery() as nursery:
+                serve_ping(host)
+                await nursery.start(peering.run)
+                await _start_nat(nursery, host, config)
+                if config.api is not None:
+                    node.api_url = await nursery.start(serve_api, build_api(node), config.api)
+                _write_json(config.data_dir / RUNTIME_FILE, node.status() | {"pid": os.getpid()})
+                log.info("node %s up; %d bootstrap address(es)", host.peer_id, len(config.bootstrap))
+                task_status.started(node)
+        finally:
+            with trio.CancelScope(shield=True):
+                _write_json(config.data_dir / PEERS_FILE, table.to_json())
+                with suppress(FileNotFoundError):
+                    (config.data_dir / RUNTIME_FILE).unlink()
+                log.info("node %s stopped; state saved in %s", host.peer_id, config.data_dir)
+
+
+async def _start_nat(nursery: trio.Nursery, host: Host, config: NodeConfig) -> None:
+    try:
+        from shoal.transport.nat import NatService
+    except ImportError:  # NAT traversal lands separately; the node works on a LAN without it
+        log.debug("NAT traversal not available")
+        return
+    await nursery.start(NatService(host, relay_hop=config.relay).run)

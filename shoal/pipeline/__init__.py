@@ -1,0 +1,1 @@
+"""Model definition, loading, pipeline-parallel serving and routing (not built yet)."""

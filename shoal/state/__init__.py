@@ -1,0 +1,1 @@
+"""What is true now: the replicated pycrdt swarm document (not built yet)."""

@@ -1,0 +1,1 @@
+"""DiLoCo and fine-tuning over the collectives (not built yet)."""

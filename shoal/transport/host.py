@@ -1,0 +1,250 @@
+"""Open a py-libp2p host the way shoal needs it: TCP + Noise + Yamux, workarounds applied.
+
+``open_host(config)`` is an async context manager that owns the host. Workarounds from
+design/libp2p-notes.md applied here:
+
+1. the fixed 250 ms wait after every dial (``_HAPPY_EYEBALLS_DELAY``) is set to 0;
+2. the host is closed explicitly on every exit path, shielded from cancellation and
+   bounded in time, with connections closed in parallel (py-libp2p closes them one at a
+   time at 0.1-0.2 s each);
+3. libp2p's loggers are routed into ours and quietened;
+4. only Noise and Yamux are offered (py-libp2p's defaults also offer plaintext and secio).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+
+import libp2p.network.swarm as _libp2p_swarm
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.connection_types import ConnectionType
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from shoal.transport.errors import DialError
+from shoal.transport.logs import route_libp2p_logs
+from shoal.transport.rpc import Rpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
+CLOSE_TIMEOUT = 3.0
+
+# Workaround 1: py-libp2p waits 250 ms after the last address of every dial, even when
+# the dial already succeeded (libp2p-notes.md, bug 2). Process-wide by nature.
+_libp2p_swarm._HAPPY_EYEBALLS_DELAY = 0.0  # type: ignore[attr-defined]
+
+
+class Reachability(str, Enum):
+    """Whether other peers can open a fresh connection to this node."""
+
+    UNKNOWN = "unknown"
+    PUBLIC = "public"
+    PRIVATE = "private"
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostConfig:
+    """What a host listens on and who it is.
+
+    key_pair: the node's Ed25519 identity (see identity.py).
+    listen: multiaddrs to listen on; ``/ip4/127.0.0.1/tcp/0`` picks a free port.
+    announce: addresses to advertise instead of the listen addresses (e.g. a public IP
+        behind a port forward); empty means advertise what we listen on.
+    psk: a private swarm's pre-shared key as 64 hex digits (libp2p pnet), or None.
+    dial_timeout: seconds one dial may take before it counts as failed.
+    """
+
+    key_pair: KeyPair
+    listen: Sequence[str] = (DEFAULT_LISTEN,)
+    announce: Sequence[str] = ()
+    psk: str | None = None
+    dial_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLink:
+    """One connected peer as seen from this node."""
+
+    peer_id: str
+    addrs: tuple[str, ...]
+    relayed: bool
+
+
+@dataclass
+class Host:
+    """A running libp2p host plus shoal's RPC endpoint on it."""
+
+    libp2p: IHost
+    config: HostConfig
+    rpc: Rpc
+    reachability: Reachability = Reachability.UNKNOWN
+    # Addresses through relays that this node advertises while it is not reachable.
+    relayed_addrs: list[str] = field(default_factory=list)
+
+    @property
+    def peer_id(self) -> ID:
+        return self.libp2p.get_id()
+
+    def listen_addrs(self) -> list[str]:
+        """Full multiaddrs (with /p2p/<id>) this host listens on."""
+        return [_with_peer_id(a, self.peer_id) for a in self.libp2p.get_addrs()]
+
+    def advertised_addrs(self) -> list[str]:
+        """The addresses other peers should use to reach this node."""
+        if self.config.announce:
+            addrs = [_with_peer_id(multiaddr.Multiaddr(a), self.peer_id) for a in self.config.announce]
+        else:
+            addrs = expand_wildcards(self.listen_addrs())
+        return addrs + list(self.relayed_addrs)
+
+    async def connect(self, addr: str) -> ID:
+        """Dial a full multiaddr (ending in /p2p/<id>) and return the peer's id."""
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception as exc:
+            raise DialError(addr, f"not a valid multiaddr with /p2p/<peer id>: {exc}") from exc
+        if info.peer_id == self.peer_id:
+            raise DialError(addr, "that is this node's own address")
+        try:
+            with trio.fail_after(self.config.dial_timeout):
+                await self.libp2p.connect(info)
+        except trio.TooSlowError as exc:
+            raise DialError(addr, f"no answer within {self.config.dial_timeout}s") from exc
+        except Exception as exc:
+            raise DialError(addr, str(exc) or type(exc).__name__) from exc
+        return info.peer_id
+
+    def is_connected(self, peer: ID) -> bool:
+        return bool(self.libp2p.get_network().connections.get(peer))
+
+    def links(self) -> list[PeerLink]:
+        """Connected peers; a peer counts as direct when any connection to it is direct."""
+        out = []
+        for peer, conns in self.libp2p.get_network().connections.items():
+            if not conns:
+                continue
+            relayed = all(_is_relayed(c) for c in conns)
+            addrs = tuple(str(a) for c in conns for a in _conn_addrs(c))
+            out.append(PeerLink(str(peer), addrs, relayed))
+        return sorted(out, key=lambda link: link.peer_id)
+
+
+def _is_relayed(conn: object) -> bool:
+    kind = getattr(conn, "get_connection_type", lambda: ConnectionType.DIRECT)()
+    if kind == ConnectionType.RELAYED:
+        return True
+    return any("p2p-circuit" in str(a) for a in _conn_addrs(conn))
+
+
+def _conn_addrs(conn: object) -> list[multiaddr.Multiaddr]:
+    try:
+        return list(conn.get_transport_addresses())  # type: ignore[attr-defined]
+    except Exception:
+        return []
+
+
+def _with_peer_id(addr: multiaddr.Multiaddr, peer: ID) -> str:
+    text = str(addr)
+    if "/p2p/" in text:
+        return text
+    return f"{text}/p2p/{peer}"
+
+
+def expand_wildcards(addrs: Sequence[str]) -> list[str]:
+    """Replace 0.0.0.0 in listen addresses with this machine's interface addresses."""
+    out: list[str] = []
+    for addr in addrs:
+        if "/ip4/0.0.0.0/" not in addr:
+            out.append(addr)
+            continue
+        for ip in local_ipv4_addresses():
+            out.append(addr.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/"))
+    return out
+
+
+def local_ipv4_addresses() -> list[str]:
+    """This machine's IPv4 addresses, non-loopback first, loopback last."""
+    import ifaddr
+
+    ips = [
+        str(ip.ip)
+        for adapter in ifaddr.get_adapters()
+        for ip in adapter.ips
+        if isinstance(ip.ip, str)
+    ]
+    return sorted(set(ips), key=lambda ip: (ip.startswith("127."), ip))
+
+
+def build_libp2p_host(config: HostConfig) -> IHost:
+    key_pair = config.key_pair
+    noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
+    host = new_host(
+        key_pair=key_pair,
+        sec_opt={NOISE_ID: noise},
+        muxer_opt={TProtocol(YAMUX_ID): Yamux},
+        psk=config.psk,
+        connection_config=ConnectionConfig(dial_timeout=config.dial_timeout),
+        enable_mDNS=False,
+        enable_upnp=False,
+    )
+    # py-libp2p 0.8.1's AutoConnector dials up to 200 peers from the peerstore whenever
+    # there are fewer than 100 connections, with its own cooldowns and INFO logging.
+    # shoal.transport.peering owns connection upkeep (with backoff it can test), so the
+    # built-in one is switched off.
+    host.get_network().auto_connector.maybe_connect = _no_auto_connect  # type: ignore[attr-defined]
+    return host
+
+
+async def _no_auto_connect() -> None:
+    return None
+
+
+@asynccontextmanager
+async def open_host(config: HostConfig) -> AsyncIterator[Host]:
+    """Start a host listening on ``config.listen``; closed on every exit path."""
+    route_libp2p_logs()
+    libp2p_host = build_libp2p_host(config)
+    listen = [multiaddr.Multiaddr(a) for a in config.listen]
+    async with libp2p_host.run(listen):
+        try:
+            host = Host(libp2p=libp2p_host, config=config, rpc=Rpc(libp2p_host))
+            log.info("listening on %s", ", ".join(host.listen_addrs()))
+            yield host
+        finally:
+            await close_host(libp2p_host)
+
+
+async def close_host(libp2p_host: IHost) -> None:
+    """Close connections in parallel, then the host; shielded and bounded (workaround 2)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT) as scope:
+        network = libp2p_host.get_network()
+        conns = [c for cs in list(network.connections.values()) for c in cs]
+        async with trio.open_nursery() as nursery:
+            for conn in conns:
+                nursery.start_soon(_close_quietly, conn)
+        await libp2p_host.close()
+    if scope.cancelled_caught:
+        log.warning("closing the libp2p host took over %ss; gave up waiting", CLOSE_TIMEOUT)
+
+
+async def _close_quietly(conn: object) -> None:
+    try:
+        await conn.close()  # type: ignore[attr-defined]
+    except Exception:
+        log.debug("closing a connection failed", exc_info=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -23,6 +23,10 @@ from shoal import __version__
 from shoal.errors import Error
 from shoal.node.config import parse_bind
 from shoal.transport.ping import MAX_PING_BYTES
+
+if TYPE_CHECKING:
+    # trio-typing's stale stubs (pulled in by libp2p) shadow trio's own types.
+    from trio_typing import TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +80,7 @@ async def serve_api(
     app: Starlette,
     bind: str,
     *,
-    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    task_status: TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``bind`` (HOST:PORT); reports the base URL once listening."""
     host, port = parse_bind(bind)
@@ -93,6 +97,6 @@ async def serve_api(
 
 
 async def _serve(
-    app: Starlette, config: HypercornConfig, *, task_status: trio.TaskStatus[list[str]]
+    app: Starlette, config: HypercornConfig, *, task_status: TaskStatus[list[str]]
 ) -> None:
-    await serve(app, config, task_status=task_status)  # type: ignore[arg-type]
+    await serve(app, config, task_status=task_status)

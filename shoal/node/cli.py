@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shoal.errors import Error
-from shoal.node.config import DEFAULT_API, NodeConfig, default_data_dir, load_config
+from shoal.node.config import DEFAULT_API, NodeConfig, load_config
 from shoal.node.errors import ConfigError
 from shoal.node.logs import setup_logging
 
@@ -33,15 +33,27 @@ def _fail(message: str, code: int = 1) -> None:
 def node(
     config_file: Annotated[Path | None, typer.Option("--config", help="TOML config file")] = None,
     bootstrap: Annotated[
-        list[str] | None, typer.Option("--bootstrap", "-b", help="full multiaddr of a peer (repeatable)")
+        list[str] | None,
+        typer.Option("--bootstrap", "-b", help="full multiaddr of a peer (repeatable)"),
     ] = None,
-    listen: Annotated[list[str] | None, typer.Option(help="multiaddr to listen on (repeatable)")] = None,
-    announce: Annotated[list[str] | None, typer.Option(help="multiaddr to advertise (repeatable)")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="identity and state (default ~/.shoal)")] = None,
-    relay: Annotated[bool | None, typer.Option("--relay/--no-relay", help="serve as a relay for peers behind NAT")] = None,
+    listen: Annotated[
+        list[str] | None, typer.Option(help="multiaddr to listen on (repeatable)")
+    ] = None,
+    announce: Annotated[
+        list[str] | None, typer.Option(help="multiaddr to advertise (repeatable)")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="identity and state (default ~/.shoal)")
+    ] = None,
+    relay: Annotated[
+        bool | None,
+        typer.Option("--relay/--no-relay", help="serve as a relay for peers behind NAT"),
+    ] = None,
     swarm: Annotated[str | None, typer.Option(help="swarm name (default: main)")] = None,
     swarm_key: Annotated[Path | None, typer.Option(help="pnet key file of a private swarm")] = None,
-    api: Annotated[str | None, typer.Option(help=f"HTTP API HOST:PORT, or 'off' (default {DEFAULT_API})")] = None,
+    api: Annotated[
+        str | None, typer.Option(help=f"HTTP API HOST:PORT, or 'off' (default {DEFAULT_API})")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
 ) -> None:
     """Run a node daemon and join a swarm."""
@@ -93,7 +105,9 @@ def _peer_id(data_dir: Path) -> str:
 
 @app.command("id")
 def show_id(
-    data_dir: Annotated[Path | None, typer.Option(help="identity and state (default ~/.shoal)")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="identity and state (default ~/.shoal)")
+    ] = None,
     config_file: Annotated[Path | None, typer.Option("--config", help="TOML config file")] = None,
 ) -> None:
     """Print this node's peer id and the multiaddrs others bootstrap from."""
@@ -154,7 +168,9 @@ def status(
         out.print_json(data=data)
         return
     out.print(f"[bold]peer id[/]       {data['peer_id']}")
-    out.print(f"[bold]swarm[/]         {data['swarm']}{' (private)' if data['private_swarm'] else ''}")
+    out.print(
+        f"[bold]swarm[/]         {data['swarm']}{' (private)' if data['private_swarm'] else ''}"
+    )
     out.print(f"[bold]reachability[/]  {data['reachability']}")
     out.print(f"[bold]relay service[/] {'on' if data['relay_service'] else 'off'}")
     for addr in data["addrs"]:
@@ -164,7 +180,9 @@ def status(
     table.add_column("link")
     table.add_column("address")
     for peer in data["peers"]:
-        table.add_row(peer["peer_id"], "relayed" if peer["relayed"] else "direct", "\n".join(peer["addrs"]))
+        table.add_row(
+            peer["peer_id"], "relayed" if peer["relayed"] else "direct", "\n".join(peer["addrs"])
+        )
     out.print(table)
 
 
@@ -186,7 +204,9 @@ def ping(
         _fail(data["error"]["message"])
     mbps = 2 * data["bytes"] / data["seconds"] / 1e6 if data["seconds"] else 0.0
     verdict = "intact" if data["intact"] else "[red]CORRUPTED[/]"
-    out.print(f"{data['bytes']} bytes to {peer}: {data['seconds'] * 1e3:.2f} ms, {mbps:.1f} MB/s, {verdict}")
+    out.print(
+        f"{data['bytes']} bytes to {peer}: {data['seconds'] * 1e3:.2f} ms, {mbps:.1f} MB/s, {verdict}"
+    )
 
 
 def main() -> None:

@@ -136,4 +136,3 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> NodeConfig:
     if "target_peers" in coerced and not isinstance(coerced["target_peers"], int):
         raise ConfigError("target_peers: expected an integer")
     return NodeConfig(**coerced)
-

@@ -15,7 +15,7 @@ import random
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from libp2p.peer.id import ID
@@ -29,6 +29,10 @@ from shoal.transport.identity import load_or_create_identity
 from shoal.transport.peering import Peering, PeeringConfig, PeerTable
 from shoal.transport.ping import call_ping, serve_ping
 from shoal.transport.swarmkey import read_swarm_key
+
+if TYPE_CHECKING:
+    # trio-typing's stale stubs (pulled in by libp2p) shadow trio's own types.
+    from trio_typing import TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +101,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 async def run_node(
-    config: NodeConfig, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED
+    config: NodeConfig, *, task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED
 ) -> None:
     key_pair = load_or_create_identity(config.data_dir)
     psk = read_swarm_key(config.swarm_key) if config.swarm_key else None
@@ -121,14 +125,15 @@ async def run_node(
                 if config.api is not None:
                     node.api_url = await nursery.start(serve_api, build_api(node), config.api)
                 _write_json(config.data_dir / RUNTIME_FILE, node.status() | {"pid": os.getpid()})
-                log.info("node %s up; %d bootstrap address(es)", host.peer_id, len(config.bootstrap))
+                log.info(
+                    "node %s up; %d bootstrap address(es)", host.peer_id, len(config.bootstrap)
+                )
                 task_status.started(node)
         finally:
-            with trio.CancelScope(shield=True):
-                _write_json(config.data_dir / PEERS_FILE, table.to_json())
-                with suppress(FileNotFoundError):
-                    (config.data_dir / RUNTIME_FILE).unlink()
-                log.info("node %s stopped; state saved in %s", host.peer_id, config.data_dir)
+            _write_json(config.data_dir / PEERS_FILE, table.to_json())
+            with suppress(FileNotFoundError):
+                (config.data_dir / RUNTIME_FILE).unlink()
+            log.info("node %s stopped; state saved in %s", host.peer_id, config.data_dir)
 
 
 async def _start_nat(nursery: trio.Nursery, host: Host, config: NodeConfig) -> None:

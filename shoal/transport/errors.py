@@ -61,3 +61,12 @@ class RpcError(TransportError):
         super().__init__(f"[{code}] {message}")
         self.code = code
         self.message = message
+
+
+class RelayError(TransportError):
+    """A relay refused or failed a reservation (Circuit Relay v2)."""
+
+    def __init__(self, relay: str, reason: str) -> None:
+        super().__init__(f"relay {relay}: {reason}")
+        self.relay = relay
+        self.reason = reason

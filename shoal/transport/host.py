@@ -8,7 +8,9 @@ design/libp2p-notes.md applied here:
    bounded in time, with connections closed in parallel (py-libp2p closes them one at a
    time at 0.1-0.2 s each);
 3. libp2p's loggers are routed into ours and quietened;
-4. only Noise and Yamux are offered (py-libp2p's defaults also offer plaintext and secio).
+4. only Noise and Yamux are offered (py-libp2p's defaults also offer plaintext and secio);
+5. its built-in AutoConnector is off and its 60 s negative dial cache is cleared before
+   each explicit dial: shoal.transport.peering decides when to (re)dial, with backoff.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import libp2p.network.swarm as _libp2p_swarm
 import multiaddr
@@ -36,6 +38,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
+from shoal.transport.circuit import dial_circuit, is_circuit_addr
 from shoal.transport.errors import DialError
 from shoal.transport.logs import route_libp2p_logs
 from shoal.transport.rpc import Rpc
@@ -47,10 +50,10 @@ CLOSE_TIMEOUT = 3.0
 
 # Workaround 1: py-libp2p waits 250 ms after the last address of every dial, even when
 # the dial already succeeded (libp2p-notes.md, bug 2). Process-wide by nature.
-_libp2p_swarm._HAPPY_EYEBALLS_DELAY = 0.0  # type: ignore[attr-defined]
+_libp2p_swarm._HAPPY_EYEBALLS_DELAY = 0.0
 
 
-class Reachability(str, Enum):
+class Reachability(StrEnum):
     """Whether other peers can open a fresh connection to this node."""
 
     UNKNOWN = "unknown"
@@ -108,7 +111,9 @@ class Host:
     def advertised_addrs(self) -> list[str]:
         """The addresses other peers should use to reach this node."""
         if self.config.announce:
-            addrs = [_with_peer_id(multiaddr.Multiaddr(a), self.peer_id) for a in self.config.announce]
+            addrs = [
+                _with_peer_id(multiaddr.Multiaddr(a), self.peer_id) for a in self.config.announce
+            ]
         else:
             addrs = expand_wildcards(self.listen_addrs())
         return addrs + list(self.relayed_addrs)
@@ -121,6 +126,11 @@ class Host:
             raise DialError(addr, f"not a valid multiaddr with /p2p/<peer id>: {exc}") from exc
         if info.peer_id == self.peer_id:
             raise DialError(addr, "that is this node's own address")
+        if is_circuit_addr(addr):
+            return await self._connect_via_relay(addr, info.peer_id)
+        # Our callers pace their retries; py-libp2p's negative cache would otherwise refuse
+        # every dial to a peer for 60 s after one failure, e.g. a bootstrap node restarting.
+        self.libp2p.get_network().unblock_peer(info.peer_id)
         try:
             with trio.fail_after(self.config.dial_timeout):
                 await self.libp2p.connect(info)
@@ -129,6 +139,18 @@ class Host:
         except Exception as exc:
             raise DialError(addr, str(exc) or type(exc).__name__) from exc
         return info.peer_id
+
+    async def _connect_via_relay(self, addr: str, peer: ID) -> ID:
+        # py-libp2p's swarm skips /p2p-circuit addresses when dialing (see circuit.py).
+        if self.is_connected(peer):
+            return peer
+        try:
+            with trio.fail_after(self.config.dial_timeout):
+                return await dial_circuit(self.libp2p, addr)
+        except trio.TooSlowError as exc:
+            raise DialError(
+                addr, f"no relayed connection within {self.config.dial_timeout}s"
+            ) from exc
 
     def is_connected(self, peer: ID) -> bool:
         return bool(self.libp2p.get_network().connections.get(peer))
@@ -207,7 +229,7 @@ def build_libp2p_host(config: HostConfig) -> IHost:
     # there are fewer than 100 connections, with its own cooldowns and INFO logging.
     # shoal.transport.peering owns connection upkeep (with backoff it can test), so the
     # built-in one is switched off.
-    host.get_network().auto_connector.maybe_connect = _no_auto_connect  # type: ignore[attr-defined]
+    host.get_network().auto_connector.maybe_connect = _no_auto_connect
     return host
 
 

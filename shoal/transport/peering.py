@@ -14,7 +14,7 @@ import logging
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from libp2p.peer.id import ID
@@ -22,6 +22,10 @@ from libp2p.peer.id import ID
 from shoal.transport.errors import DialError, RemoteError
 from shoal.transport.host import Host
 from shoal.transport.rpc import Message, Protocol
+
+if TYPE_CHECKING:
+    # trio-typing's stale stubs (pulled in by libp2p) shadow trio's own types.
+    from trio_typing import TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +152,7 @@ class Peering:
         self._dialing: set[str] = set()
         self._last_exchange: dict[str, float] = {}
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.host.rpc.serve(PEERS, self._rpc_peers)
         async with trio.open_nursery() as nursery:
             task_status.started()
@@ -218,7 +222,9 @@ class Peering:
         # The caller tells us how to reach it: its own word beats identify's listen addrs.
         addrs = request.body.get("addrs")
         if isinstance(addrs, list):
-            self.table.learn(str(peer), [a for a in addrs[:MAX_ADDRS_PER_PEER] if isinstance(a, str)])
+            self.table.learn(
+                str(peer), [a for a in addrs[:MAX_ADDRS_PER_PEER] if isinstance(a, str)]
+            )
         entries = [{"id": str(self.host.peer_id), "addrs": self.host.advertised_addrs()}]
         for link in self.host.links():
             known = self.table.peers.get(link.peer_id)

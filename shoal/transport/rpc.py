@@ -30,7 +30,7 @@ from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 
 from shoal.transport.errors import FrameError, FrameTooLarge, RemoteError, RpcError
-from shoal.transport.framing import DEFAULT_MAX_HEADER, FrameDecoder, Frame, encode_header
+from shoal.transport.framing import DEFAULT_MAX_HEADER, Frame, FrameDecoder, encode_header
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +175,16 @@ class Rpc:
             try:
                 slots.acquire_nowait()
             except trio.WouldBlock:
-                log.info("refused a call from %s on %s: %d calls in progress", peer, proto.id, proto.max_concurrent)
-                await self._try_error(framed, "busy", f"{proto.id} is serving its maximum of calls; retry later")
-                await framed.reset()
+                log.info(
+                    "refused a call from %s on %s: %d calls in progress",
+                    peer,
+                    proto.id,
+                    proto.max_concurrent,
+                )
+                await self._try_error(
+                    framed, "busy", f"{proto.id} is serving its maximum of calls; retry later"
+                )
+                await framed.aclose()
                 return
             try:
                 with trio.fail_after(proto.timeout):
@@ -297,7 +304,7 @@ class Rpc:
 
 def _open_failure(peer: ID, proto: Protocol, exc: Exception) -> RemoteError:
     text = f"{exc!r} {exc.__cause__!r}"
-    if "ProtocolNotSupported" in text or "protocol" in text.lower() and "not" in text.lower():
+    if "ProtocolNotSupported" in text or "protocol not supported" in text.lower():
         return RemoteError(
             str(peer),
             "unsupported_protocol",

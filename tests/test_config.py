@@ -1,0 +1,54 @@
+"""Node configuration: TOML file plus flags, flags winning; clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shoal.node.config import load_config
+from shoal.node.errors import ConfigError
+
+PEER = "12D3KooWGkyJPZf5ggN5FTcbcWkgaTUvNfdpfHusqq3SiDBbVoHG"
+
+
+def test_file_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(
+        f'listen = ["/ip4/127.0.0.1/tcp/5000"]\nrelay = true\nswarm = "lab"\n'
+        f'bootstrap = "/ip4/10.0.0.1/tcp/4001/p2p/{PEER}"\ndata_dir = "{tmp_path}/d"\n'
+    )
+    config = load_config(path, {"swarm": "prod", "relay": None, "listen": ()})
+    assert config.swarm == "prod"  # the flag wins
+    assert config.relay is True  # not given as a flag: the file's value stays
+    assert config.listen == ("/ip4/127.0.0.1/tcp/5000",)
+    assert config.bootstrap == (f"/ip4/10.0.0.1/tcp/4001/p2p/{PEER}",)
+    assert config.data_dir == tmp_path / "d"
+    assert config.api == "127.0.0.1:8470"
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SHOAL_HOME", str(tmp_path))
+    config = load_config(None, {})
+    assert config.data_dir == tmp_path
+    assert config.listen == ("/ip4/0.0.0.0/tcp/4001",)
+    assert load_config(None, {"api": "off"}).api is None
+
+
+@pytest.mark.parametrize(
+    ("toml", "flags", "message"),
+    [
+        ("colour = 1\n", {}, "unknown keys"),
+        ("relay = 'yes'\n", {}, "expected true or false"),
+        ("listen = 3\n", {}, "expected a list"),
+        ("", {"bootstrap": ("/ip4/1.2.3.4/tcp/4001",)}, "has no /p2p/"),
+        ("", {"api": "localhost"}, "expected HOST:PORT"),
+        ("", {"swarm": "a b"}, "swarm name"),
+        ("not toml [", {}, "not valid TOML"),
+    ],
+)
+def test_bad_config(tmp_path: Path, toml: str, flags: dict, message: str) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, flags)

@@ -1,0 +1,110 @@
+"""Real daemons as separate processes on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemons import Daemon, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[list[Daemon]]:
+    made: list[Daemon] = []
+    yield made
+    for daemon in made:
+        daemon.kill()
+
+
+def test_three_daemons_join_and_carry_64_mib(tmp_path: Path, daemons: list[Daemon]) -> None:
+    a = Daemon(tmp_path / "a").start()
+    daemons.append(a)
+    b = Daemon(tmp_path / "b", ("--bootstrap", a.addr)).start()
+    c = Daemon(tmp_path / "c", ("--bootstrap", a.addr)).start()
+    daemons += [b, c]
+    everyone = {a.peer_id, b.peer_id, c.peer_id}
+    for daemon in (a, b, c):
+        others = everyone - {daemon.peer_id}
+        wait_for(
+            lambda d=daemon, o=others: o <= d.peers(),
+            20,
+            f"{daemon.data_dir.name} sees both",
+            daemon,
+        )
+        links = daemon.status()["peers"]
+        assert all(not link["relayed"] for link in links)
+    # b and c joined only through a: they found each other by peer exchange.
+    size, seed = 64 << 20, 1234
+    expected = hashlib.sha256(random.Random(seed).randbytes(size)).hexdigest()
+    result = b.ping(c.peer_id, size, seed)
+    assert result["bytes"] == size
+    assert result["sent_sha256"] == result["remote_sha256"] == result["echoed_sha256"] == expected
+    assert result["intact"] is True
+
+
+def test_identity_persists_and_sigterm_exits_cleanly(tmp_path: Path, daemons: list[Daemon]) -> None:
+    node = Daemon(tmp_path / "n").start()
+    daemons.append(node)
+    first = node.peer_id
+    code, seconds = node.terminate()
+    assert code == 0
+    assert seconds < 5.0
+    assert not (tmp_path / "n" / "node.json").exists()
+    node.start()
+    assert node.peer_id == first
+    shown = subprocess.run(
+        [sys.executable, "-m", "shoal.node.cli", "id", "--data-dir", str(tmp_path / "n")],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert f"peer id: {first}" in shown.stdout
+    assert node.addr in shown.stdout.replace("\n", "")
+    code, seconds = node.terminate()
+    assert (code, seconds < 5.0) == (0, True)
+
+
+def test_node_survives_garbage_on_its_port(tmp_path: Path, daemons: list[Daemon]) -> None:
+    a = Daemon(tmp_path / "a").start()
+    b = Daemon(tmp_path / "b", ("--bootstrap", a.addr)).start()
+    daemons += [a, b]
+    wait_for(lambda: a.peer_id in b.peers(), 20, "b joins a", b)
+    port = int(a.addr.split("/tcp/")[1].split("/")[0])
+    for junk in (b"\x00" * 10, b"GET / HTTP/1.1\r\n\r\n", random.Random(7).randbytes(100_000)):
+        # The node may hang up on us first: that is fine.
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
+            contextlib.suppress(OSError),
+        ):
+            sock.sendall(junk)
+    result = b.ping(a.peer_id, 4096, 99)
+    assert result["intact"] is True
+    assert a.status()["peer_id"] == a.peer_id
+
+
+def test_peers_stay_connected_when_bootstrap_goes_and_rejoin_it(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    with (
+        socket.socket() as s
+    ):  # a fixed port so that the restarted bootstrap is at the same address
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    a = Daemon(tmp_path / "a", listen=f"/ip4/127.0.0.1/tcp/{port}").start()
+    b = Daemon(tmp_path / "b", ("--bootstrap", a.addr)).start()
+    c = Daemon(tmp_path / "c", ("--bootstrap", a.addr)).start()
+    daemons += [a, b, c]
+    wait_for(lambda: c.peer_id in b.peers(), 20, "b finds c", b)
+    a.kill()
+    wait_for(lambda: a.peer_id not in b.peers(), 20, "b notices a is gone", b)
+    assert c.peer_id in b.peers()
+    a.start()
+    wait_for(lambda: {b.peer_id, c.peer_id} <= a.peers(), 40, "a is rejoined", a)

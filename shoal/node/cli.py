@@ -25,7 +25,7 @@ err = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -176,7 +176,7 @@ def status(
     for addr in data["addrs"]:
         out.print(f"[bold]address[/]       {addr}", soft_wrap=True, highlight=False)
     table = Table(title=f"{len(data['peers'])} connected peer(s)")
-    table.add_column("peer id")
+    table.add_column("peer id", overflow="fold")
     table.add_column("link")
     table.add_column("address")
     for peer in data["peers"]:

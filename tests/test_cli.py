@@ -1,0 +1,89 @@
+"""The ``shoal`` command line: what a user types and what they read back."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from shoal.node.cli import app
+from shoal.transport.identity import IDENTITY_FILE
+from shoal.transport.swarmkey import read_swarm_key
+from tests.daemons import Daemon
+
+runner = CliRunner()
+
+
+def test_keygen_writes_a_key_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    path = tmp_path / "swarm.key"
+    result = runner.invoke(app, ["keygen", str(path)])
+    assert result.exit_code == 0, result.output
+    assert len(read_swarm_key(path)) == 64
+    key = path.read_text()
+    result = runner.invoke(app, ["keygen", str(path)])
+    assert result.exit_code == 1
+    assert "refusing to overwrite" in result.output
+    assert path.read_text() == key
+
+
+def test_id_is_stable_and_lists_bootstrap_addresses(tmp_path: Path) -> None:
+    args = ["id", "--data-dir", str(tmp_path)]
+    first = runner.invoke(app, args)
+    second = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert first.output == second.output
+    peer_id = first.output.split("peer id: ")[1].split()[0]
+    assert f"/tcp/4001/p2p/{peer_id}" in first.output.replace("\n", "")
+
+
+def test_corrupt_identity_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / IDENTITY_FILE).write_bytes(b"junk")
+    os.chmod(tmp_path / IDENTITY_FILE, 0o600)
+    result = runner.invoke(app, ["node", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "not a valid libp2p private key" in result.output
+    assert "delete it to make a new identity" in result.output.replace("\n", " ")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bootstrap", "/ip4/1.2.3.4/tcp/4001"], "has no /p2p/"),
+        (["--api", "nowhere"], "expected HOST:PORT"),
+        (["--config", "/nonexistent.toml"], "cannot read config file"),
+    ],
+)
+def test_bad_options_are_clear_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["node", "--data-dir", str(tmp_path), *args])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_status_against_a_running_daemon(tmp_path: Path) -> None:
+    node = Daemon(tmp_path / "n").start()
+    try:
+        health = httpx.get(f"{node.api}/v1/health", timeout=10).json()
+        assert health["ok"] is True
+        result = runner.invoke(app, ["status", "--api", node.api, "--json"])
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.output)
+        assert data["peer_id"] == node.peer_id
+        assert data["peers"] == []
+        assert data["addrs"] == node.info["addrs"]
+        table = runner.invoke(app, ["status", "--api", node.api])
+        assert node.peer_id in table.output
+        assert "0 connected peer(s)" in table.output
+        bad = httpx.post(f"{node.api}/v1/ping", content=b"{not json", timeout=10)
+        assert (bad.status_code, bad.json()["error"]["code"]) == (400, "bad_json")
+    finally:
+        node.kill()
+
+
+def test_status_without_a_daemon_says_what_to_do() -> None:
+    result = runner.invoke(app, ["status", "--api", "127.0.0.1:1"])
+    assert result.exit_code == 1
+    assert "is `shoal node` running?" in result.output

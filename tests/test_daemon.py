@@ -108,3 +108,26 @@ def test_peers_stay_connected_when_bootstrap_goes_and_rejoin_it(
     assert c.peer_id in b.peers()
     a.start()
     wait_for(lambda: {b.peer_id, c.peer_id} <= a.peers(), 40, "a is rejoined", a)
+
+
+def test_private_swarm_admits_only_key_holders(tmp_path: Path, daemons: list[Daemon]) -> None:
+    key = tmp_path / "swarm.key"
+    subprocess.run(
+        [sys.executable, "-m", "shoal.node.cli", "keygen", str(key)], check=True, timeout=60
+    )
+    a = Daemon(tmp_path / "a", ("--swarm-key", str(key))).start()
+    daemons.append(a)
+    outsider = Daemon(tmp_path / "outsider", ("--bootstrap", a.addr)).start()
+    member = Daemon(tmp_path / "member", ("--bootstrap", a.addr, "--swarm-key", str(key))).start()
+    daemons += [outsider, member]
+    wait_for(lambda: a.peer_id in member.peers(), 20, "member joins", member)
+    assert member.ping(a.peer_id, 1 << 20, 5)["intact"] is True
+    # By now the outsider has tried to join several times (backoff starts at 0.5 s).
+    wait_for(
+        lambda: "bootstrap" in outsider.log() and "failed" in outsider.log(),
+        20,
+        "outsider tried",
+        outsider,
+    )
+    assert outsider.peers() == set()
+    assert outsider.peer_id not in a.peers()

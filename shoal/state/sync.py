@@ -1,0 +1,222 @@
+"""Moving signed state updates between nodes: gossip push plus anti-entropy pull.
+
+- Push: every update this node writes or newly applies goes out on the swarm's gossipsub
+  topic. Gossip is lossy in py-libp2p (32-entry queues that drop silently), so it is only
+  the fast path.
+- Pull (anti-entropy, ``/shoal/state-pull/1``): on every new connection and every
+  ``pull_interval`` seconds, a node sends its version vector to a peer and gets back the
+  updates it lacks. A node that was offline or partitioned converges through this.
+- Heartbeats: every ``heartbeat_interval`` the node writes its heartbeat to its roster
+  entry; any update signed by a peer counts as hearing from it (failure detector).
+- Persistence: the state is saved to the data dir when it changed, at most every
+  ``save_interval`` seconds, and on shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+
+from shoal.state.document import SwarmState
+from shoal.state.errors import RejectedUpdate
+from shoal.state.liveness import FailureDetector
+from shoal.state.records import SignedUpdate, decode, from_wire
+from shoal.state.store import encode_state, write_state
+from shoal.transport.errors import RemoteError, RpcError
+from shoal.transport.host import Host
+from shoal.transport.rpc import Message, Protocol
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+PULL = Protocol(name="state-pull", max_request=1 << 20, max_response=16 << 20, timeout=20.0)
+MAX_VECTOR_ENTRIES = 10_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyncConfig:
+    """pull_interval: seconds between anti-entropy rounds with each peer; heartbeat_interval:
+    seconds between this node's heartbeats; offline_after: silence that marks a peer
+    offline; save_interval: seconds between saves of a changed state."""
+
+    pull_interval: float = 5.0
+    heartbeat_interval: float = 5.0
+    offline_after: float = 30.0
+    save_interval: float = 2.0
+
+
+def topic_of(swarm: str) -> str:
+    return f"/shoal/{swarm}/state/1"
+
+
+class StateSync:
+    def __init__(
+        self, host: Host, state: SwarmState, path: Path | None, config: SyncConfig
+    ) -> None:
+        self.host = host
+        self.state = state
+        self.path = path
+        self.config = config
+        self.liveness = FailureDetector(config.offline_after)
+        self.rejected = 0
+        self._dirty = False
+        self._outbox_send, self._outbox = trio.open_memory_channel[SignedUpdate](1024)
+        self._pulled: dict[str, float] = {}
+        self._pubsub: Pubsub | None = None
+
+    # ---- writing -------------------------------------------------------------------
+
+    def write(self, section: str, key: str, value: Any) -> None:
+        """Write to our own document and send the result to the swarm."""
+        for update in self.state.write(section, key, value):
+            self._queue(update)
+
+    def _queue(self, update: SignedUpdate) -> None:
+        self._dirty = True
+        try:
+            self._outbox_send.send_nowait(update)
+        except trio.WouldBlock:  # pull repairs whatever gossip did not carry
+            log.debug("gossip outbox full; dropping push of %s#%d", update.author, update.seq)
+
+    def receive(self, update: SignedUpdate, sender: str | None) -> list[SignedUpdate]:
+        try:
+            applied = self.state.receive(update, sender)
+        except RejectedUpdate as exc:
+            self.rejected += 1
+            log.warning("%s", exc)
+            return []
+        if applied:
+            self._dirty = True
+            self.liveness.heard_from(update.author, trio.current_time())
+        return applied
+
+    # ---- service -------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.host.rpc.serve(PULL, self._rpc_pull)
+        router = GossipSub(
+            [PROTOCOL_ID_V12, PROTOCOL_ID_V11],
+            degree=6,
+            degree_low=4,
+            degree_high=12,
+            heartbeat_interval=1,
+            # Default drops everything above 10 msg/s per peer per topic (libp2p-notes).
+            spam_protection_enabled=False,
+        )
+        pubsub = Pubsub(self.host.libp2p, router)
+        async with background_trio_service(pubsub), background_trio_service(router):
+            await pubsub.wait_until_ready()
+            self._pubsub = pubsub
+            subscription = await pubsub.subscribe(topic_of(self.state.swarm))
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._gossip_in, subscription)
+                    nursery.start_soon(self._gossip_out, pubsub)
+                    nursery.start_soon(self._anti_entropy)
+                    nursery.start_soon(self._heartbeats)
+                    nursery.start_soon(self._saver)
+                    task_status.started()
+            finally:
+                self.save()
+
+    def save(self) -> None:
+        if self.path is not None:
+            write_state(encode_state(self.state), self.path)
+            self._dirty = False
+
+    async def _gossip_in(self, subscription: Any) -> None:
+        while True:
+            message = await subscription.get()
+            sender = _sender_of(message)
+            try:
+                update = decode(bytes(message.data))
+            except RejectedUpdate as exc:
+                self.rejected += 1
+                log.warning("bad gossip from %s: %s", sender, exc)
+                continue
+            self.receive(update, sender)
+
+    async def _gossip_out(self, pubsub: Pubsub) -> None:
+        topic = topic_of(self.state.swarm)
+        async for update in self._outbox:
+            try:
+                await pubsub.publish(topic, update.encode())
+            except Exception as exc:  # gossip is best effort; pull repairs it
+                log.debug("publish failed: %r", exc)
+
+    async def _anti_entropy(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                now = trio.current_time()
+                for link in self.host.links():
+                    last = self._pulled.get(link.peer_id, -1e9)
+                    if now - last >= self.config.pull_interval:
+                        self._pulled[link.peer_id] = now
+                        nursery.start_soon(self.pull_from, ID.from_base58(link.peer_id))
+                await trio.sleep(0.25)
+
+    async def pull_from(self, peer: ID) -> int:
+        """One anti-entropy round with ``peer``; returns how many updates were applied."""
+        try:
+            reply = await self.host.rpc.call(peer, PULL, Message({"v": self.state.vector()}))
+        except (RemoteError, RpcError) as exc:
+            log.debug("state pull from %s failed: %s", peer, exc)
+            return 0
+        records = reply.body.get("u")
+        if not isinstance(records, list):
+            log.warning("state pull from %s: reply without updates", peer)
+            return 0
+        applied = 0
+        for record in records:
+            try:
+                update = from_wire(record)
+            except RejectedUpdate as exc:
+                self.rejected += 1
+                log.warning("bad update pulled from %s: %s", peer, exc)
+                continue
+            applied += len(self.receive(update, str(peer)))
+        return applied
+
+    async def _rpc_pull(self, peer: ID, request: Message) -> Message:
+        vector = _parse_vector(request.body.get("v"))
+        updates = self.state.missing(vector)
+        return Message({"u": [u.to_wire() for u in updates]})
+
+    async def _heartbeats(self) -> None:
+        while True:
+            self.write("peer", "heartbeat", time.time())
+            self.liveness.heard_from(self.state.me, trio.current_time())
+            await trio.sleep(self.config.heartbeat_interval)
+
+    async def _saver(self) -> None:
+        while True:
+            await trio.sleep(self.config.save_interval)
+            if self._dirty and self.path is not None:
+                # Encode on the loop (the state is only touched here), write off it.
+                blob, self._dirty = encode_state(self.state), False
+                await trio.to_thread.run_sync(write_state, blob, self.path)
+
+
+def _parse_vector(raw: Any) -> Mapping[str, int]:
+    if not isinstance(raw, dict) or len(raw) > MAX_VECTOR_ENTRIES:
+        raise RpcError("bad_request", "expected a version vector {author: seq}")
+    return {a: s for a, s in raw.items() if isinstance(a, str) and isinstance(s, int)}
+
+
+def _sender_of(message: Any) -> str | None:
+    try:
+        return ID(message.from_id).to_base58()
+    except Exception:
+        return None

@@ -36,9 +36,10 @@ async def open_member(
             nursery.cancel_scope.cancel()
 
 
-async def wait_until(predicate, timeout: float) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
+async def wait_until(predicate, within: float) -> None:
+    """Poll state that other tasks and peers change; there is no event to wait on."""
+    with trio.fail_after(within):
+        while not predicate():  # noqa: ASYNC110
             await trio.sleep(0.05)
 
 

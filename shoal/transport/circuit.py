@@ -28,6 +28,7 @@ from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.security.pnet.protector import new_protected_conn
+from libp2p.security.pnet.psk_conn import PskConn
 
 from shoal.transport.errors import DialError, RelayError
 
@@ -46,6 +47,22 @@ CIRCUIT = "/p2p-circuit"
 # One HOP exchange is a single small message each way; a relay slower than this is
 # treated as down (the caller moves on to another relay).
 HOP_TIMEOUT = 5.0
+
+
+# py-libp2p 0.8.1's pnet wrapper (PskConn) does not pass on the connection type and the
+# transport addresses of the connection it wraps, so in a private swarm every connection,
+# relayed ones included, reads as UNKNOWN with the peerstore's addresses: relayed links
+# looked direct. Process-wide by nature, like host.py's dial-delay workaround.
+def _psk_transport_addresses(self: PskConn) -> list[multiaddr.Multiaddr]:
+    return list(self._conn.get_transport_addresses())
+
+
+def _psk_connection_type(self: PskConn) -> ConnectionType:
+    return self._conn.get_connection_type()
+
+
+PskConn.get_transport_addresses = _psk_transport_addresses
+PskConn.get_connection_type = _psk_connection_type
 
 
 @dataclass(frozen=True, slots=True)

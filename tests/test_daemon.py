@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.daemons import Daemon, wait_for
@@ -131,3 +132,36 @@ def test_private_swarm_admits_only_key_holders(tmp_path: Path, daemons: list[Dae
     )
     assert outsider.peers() == set()
     assert outsider.peer_id not in a.peers()
+
+
+def test_swarm_view_converges_and_survives_restart(tmp_path: Path, daemons: list[Daemon]) -> None:
+    fast = ("--offline-after", "3")
+    a = Daemon(tmp_path / "a", fast).start()
+    daemons.append(a)
+    b = Daemon(tmp_path / "b", ("--bootstrap", a.addr, *fast)).start()
+    c = Daemon(tmp_path / "c", ("--bootstrap", a.addr, *fast)).start()
+    daemons += [b, c]
+    everyone = {a.peer_id, b.peer_id, c.peer_id}
+
+    def swarm(daemon: Daemon) -> dict:
+        return dict(httpx.get(f"{daemon.api}/v1/swarm", timeout=10).json())
+
+    def online(daemon: Daemon) -> set[str]:
+        return {p["peer_id"] for p in swarm(daemon)["peers"] if p["online"]}
+
+    for daemon in (a, b, c):
+        wait_for(lambda d=daemon: online(d) == everyone, 20, "all online", daemon)
+        peers = {p["peer_id"]: p for p in swarm(daemon)["peers"]}
+        assert peers[b.peer_id]["addrs"] == b.status()["addrs"]
+        assert peers[c.peer_id]["version"] == "0.1.0"
+    # A silent peer is marked offline within the bound (3 s here) plus a heartbeat.
+    c.kill()
+    wait_for(lambda: c.peer_id not in online(a), 3 + 5 + 2, "c marked offline", a)
+    # A restarted node shows its last state before it reconnects to anyone.
+    b.terminate()
+    b.args = ("--offline-after", "3")  # no bootstrap: it must not reconnect first
+    (tmp_path / "b" / "peers.json").unlink()
+    b.start()
+    known = {p["peer_id"] for p in swarm(b)["peers"]}
+    assert known == everyone
+    assert b.peers() == set()

@@ -1,6 +1,6 @@
 """The daemon's HTTP API: a starlette app served by hypercorn's trio worker.
 
-Routes now: GET /v1/health, GET /v1/status, POST /v1/ping. Later issues add the
+Routes now: GET /v1/health, GET /v1/status, GET /v1/swarm, POST /v1/ping. Later issues add the
 OpenAI-compatible routes, the swarm view and the status page to the same app.
 """
 
@@ -36,6 +36,8 @@ class NodeView(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
+    def swarm(self) -> dict[str, Any]: ...
+
     async def ping(self, peer: str, size: int, seed: int) -> dict[str, Any]: ...
 
 
@@ -49,6 +51,9 @@ def build_api(node: NodeView) -> Starlette:
 
     async def status(request: Request) -> JSONResponse:
         return JSONResponse(node.status())
+
+    async def swarm(request: Request) -> JSONResponse:
+        return JSONResponse(node.swarm())
 
     async def ping(request: Request) -> JSONResponse:
         try:
@@ -71,6 +76,7 @@ def build_api(node: NodeView) -> Starlette:
         routes=[
             Route("/v1/health", health),
             Route("/v1/status", status),
+            Route("/v1/swarm", swarm),
             Route("/v1/ping", ping, methods=["POST"]),
         ]
     )

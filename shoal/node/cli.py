@@ -54,6 +54,9 @@ def node(
     api: Annotated[
         str | None, typer.Option(help=f"HTTP API HOST:PORT, or 'off' (default {DEFAULT_API})")
     ] = None,
+    offline_after: Annotated[
+        float | None, typer.Option(help="seconds of silence before a peer shows offline (30)")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
 ) -> None:
     """Run a node daemon and join a swarm."""
@@ -69,6 +72,7 @@ def node(
                 "swarm": swarm,
                 "swarm_key": swarm_key,
                 "api": api,
+                "offline_after": offline_after,
                 "log_level": log_level,
             },
         )
@@ -184,6 +188,44 @@ def status(
             peer["peer_id"], "relayed" if peer["relayed"] else "direct", "\n".join(peer["addrs"])
         )
     out.print(table)
+
+
+@app.command()
+def swarm(
+    api: Annotated[str, typer.Option(help="the node's API, HOST:PORT or URL")] = DEFAULT_API,
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON")] = False,
+) -> None:
+    """Show the swarm as the shared state sees it: peers, spans, block coverage."""
+    data = _api_get(api, "/v1/swarm")
+    if as_json:
+        out.print_json(data=data)
+        return
+    peers = Table(title=f"swarm {data['swarm']}: {len(data['peers'])} peer(s)")
+    for column in ("peer id", "state", "reachability", "spans", "device", "version"):
+        peers.add_column(column, overflow="fold")
+    for peer in data["peers"]:
+        spans = ", ".join(f"{m}[{a}:{b}]" for m, (a, b) in peer["spans"].items()) or "-"
+        device = peer["device"]
+        peers.add_row(
+            peer["peer_id"],
+            "online" if peer["online"] else "[red]offline[/]",
+            peer["reachability"],
+            spans,
+            f"{device['kind']} {device['memory_bytes'] / 2**30:.1f} GiB",
+            peer["version"],
+        )
+    out.print(peers)
+    for model_id, model in data["models"].items():
+        counts = model["servers_per_block"]
+        missing = [i for i, n in enumerate(counts) if n == 0]
+        table = Table(title=f"model {model_id}: {model['num_blocks']} blocks")
+        table.add_column("block")
+        table.add_column("servers")
+        for block, count in enumerate(counts):
+            table.add_row(str(block), str(count) if count else "[red]0[/]")
+        out.print(table)
+        if missing:
+            out.print(f"[red]blocks without a server:[/] {missing}")
 
 
 @app.command()

@@ -43,6 +43,7 @@ class NodeConfig:
     swarm_key: a pnet key file for a private swarm (see `shoal keygen`).
     api: HOST:PORT for the HTTP API, or None to run without it.
     target_peers: connections the node keeps to other peers.
+    offline_after: seconds of silence after which a peer is shown offline.
     log_level: debug, info, warning or error.
     """
 
@@ -55,6 +56,7 @@ class NodeConfig:
     swarm_key: Path | None = None
     api: str | None = DEFAULT_API
     target_peers: int = 16
+    offline_after: float = 30.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -74,6 +76,8 @@ class NodeConfig:
             raise ConfigError(f"log_level {self.log_level!r}: use debug, info, warning or error")
         if self.target_peers < 1:
             raise ConfigError("target_peers must be at least 1")
+        if not 1.0 <= self.offline_after <= 3600.0:
+            raise ConfigError("offline_after must be between 1 and 3600 seconds")
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
@@ -135,4 +139,6 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> NodeConfig:
             raise ConfigError(f"{name}: expected a string ({types[name]})")
     if "target_peers" in coerced and not isinstance(coerced["target_peers"], int):
         raise ConfigError("target_peers: expected an integer")
+    if "offline_after" in coerced and not isinstance(coerced["offline_after"], int | float):
+        raise ConfigError("offline_after: expected a number of seconds")
     return NodeConfig(**coerced)

@@ -24,6 +24,10 @@ from shoal import __version__
 from shoal.node.api import build_api, serve_api
 from shoal.node.config import NodeConfig
 from shoal.node.errors import NodeError
+from shoal.state.document import SwarmState
+from shoal.state.store import load_state, state_path
+from shoal.state.sync import StateSync, SyncConfig
+from shoal.state.views import coverage, models, roster
 from shoal.transport.host import Host, HostConfig, open_host
 from shoal.transport.identity import load_or_create_identity
 from shoal.transport.peering import Peering, PeeringConfig, PeerTable
@@ -47,6 +51,7 @@ class Node:
     config: NodeConfig
     host: Host
     peering: Peering
+    sync: StateSync
     api_url: str | None = None
 
     def status(self) -> dict[str, Any]:
@@ -64,6 +69,33 @@ class Node:
                 {"peer_id": link.peer_id, "addrs": list(link.addrs), "relayed": link.relayed}
                 for link in self.host.links()
             ],
+        }
+
+    def swarm(self) -> dict[str, Any]:
+        """The swarm as the shared state describes it: peers, models, block coverage."""
+        state = self.sync.state
+        entries = roster(state, self.sync.liveness.online(trio.current_time()))
+        registry = models(state)
+        return {
+            "swarm": self.config.swarm,
+            "state_digest": state.digest(),
+            "peers": [entry.to_json() for entry in entries],
+            "models": {
+                model_id: {
+                    "num_blocks": record.num_blocks,
+                    "registered_by": record.author,
+                    "servers_per_block": [len(servers) for servers in coverage(record, entries)],
+                }
+                for model_id, record in registry.items()
+            },
+        }
+
+    def own_roster_fields(self) -> dict[str, Any]:
+        return {
+            "addrs": self.host.advertised_addrs(),
+            "reachability": self.host.reachability.value,
+            "version": __version__,
+            "device": local_device(),
         }
 
     async def ping(self, peer: str, size: int, seed: int) -> dict[str, Any]:
@@ -108,6 +140,10 @@ async def run_node(
     host_config = HostConfig(
         key_pair=key_pair, listen=config.listen, announce=config.announce, psk=psk
     )
+    # The saved state is there before any networking: a restarted node shows it at once.
+    state = SwarmState(config.swarm, key_pair)
+    saved = state_path(config.data_dir, config.swarm)
+    log.info("loaded %d saved state update(s)", load_state(state, saved))
     async with open_host(host_config) as host:
         table = PeerTable(str(host.peer_id))
         _load_peers(config.data_dir / PEERS_FILE, table)
@@ -116,12 +152,15 @@ async def run_node(
             PeeringConfig(bootstrap=config.bootstrap, target_peers=config.target_peers),
             table,
         )
-        node = Node(config, host, peering)
+        sync = StateSync(host, state, saved, SyncConfig(offline_after=config.offline_after))
+        node = Node(config, host, peering, sync)
         try:
             async with trio.open_nursery() as nursery:
                 serve_ping(host)
                 await nursery.start(peering.run)
                 await _start_nat(nursery, host, config)
+                await nursery.start(sync.run)
+                nursery.start_soon(_publish_roster, node)
                 if config.api is not None:
                     node.api_url = await nursery.start(serve_api, build_api(node), config.api)
                 _write_json(config.data_dir / RUNTIME_FILE, node.status() | {"pid": os.getpid()})
@@ -134,6 +173,34 @@ async def run_node(
             with suppress(FileNotFoundError):
                 (config.data_dir / RUNTIME_FILE).unlink()
             log.info("node %s stopped; state saved in %s", host.peer_id, config.data_dir)
+
+
+ROSTER_CHECK_INTERVAL = 2.0
+
+
+async def _publish_roster(node: Node) -> None:
+    """Write this node's roster fields whenever one of them changes."""
+    written: dict[str, Any] = dict(node.sync.state.section("peer").get(node.sync.state.me, {}))
+    while True:
+        for key, value in node.own_roster_fields().items():
+            if written.get(key) != value:
+                node.sync.write("peer", key, value)
+                written[key] = value
+        await trio.sleep(ROSTER_CHECK_INTERVAL)
+
+
+def local_device() -> dict[str, Any]:
+    """What this machine offers; the model-runtime issue adds GPU detection."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        memory = 0
+    return {
+        "kind": "cpu",
+        "name": os.uname().machine,
+        "memory_bytes": memory,
+        "cores": os.cpu_count() or 1,
+    }
 
 
 async def _start_nat(nursery: trio.Nursery, host: Host, config: NodeConfig) -> None:

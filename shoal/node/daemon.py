@@ -30,6 +30,7 @@ from shoal.state.sync import StateSync, SyncConfig
 from shoal.state.views import coverage, models, roster
 from shoal.transport.host import Host, HostConfig, open_host
 from shoal.transport.identity import load_or_create_identity
+from shoal.transport.nat import NatService
 from shoal.transport.peering import Peering, PeeringConfig, PeerTable
 from shoal.transport.ping import call_ping, serve_ping
 from shoal.transport.swarmkey import read_swarm_key
@@ -158,7 +159,7 @@ async def run_node(
             async with trio.open_nursery() as nursery:
                 serve_ping(host)
                 await nursery.start(peering.run)
-                await _start_nat(nursery, host, config)
+                await nursery.start(NatService(host, relay_hop=config.relay).run)
                 await nursery.start(sync.run)
                 nursery.start_soon(_publish_roster, node)
                 if config.api is not None:
@@ -201,12 +202,3 @@ def local_device() -> dict[str, Any]:
         "memory_bytes": memory,
         "cores": os.cpu_count() or 1,
     }
-
-
-async def _start_nat(nursery: trio.Nursery, host: Host, config: NodeConfig) -> None:
-    try:
-        from shoal.transport.nat import NatService
-    except ImportError:  # NAT traversal lands separately; the node works on a LAN without it
-        log.debug("NAT traversal not available")
-        return
-    await nursery.start(NatService(host, relay_hop=config.relay).run)

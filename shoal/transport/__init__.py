@@ -8,8 +8,8 @@
 - ``rpc.py``: typed request/response and server-streaming RPC over streams.
 - ``peering.py``: bootstrap with backoff and peer exchange (``/shoal/peers/1``).
 - ``ping.py``: ``/shoal/ping/1``, payload echo with hashes (path checks, RTT).
-- ``nat.py``, ``nat_logic.py``, ``circuit.py``: reachability by dial-back, Circuit Relay
-  v2 reservations, DCUtR hole punching.
+- ``nat.py``, ``nat_logic.py``, ``circuit.py``, ``dialback.py``: reachability by
+  dial-back, Circuit Relay v2 reservations, DCUtR hole punching (docs/nat.md).
 - ``logs.py``: routes and quietens py-libp2p's logging.
 - ``errors.py``: ``TransportError`` and its subclasses (``RemoteError`` and friends).
 """

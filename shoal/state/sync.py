@@ -23,9 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from libp2p.peer.id import ID
-from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
-from libp2p.tools.anyio_service import background_trio_service
 
 from shoal.state.document import SwarmState
 from shoal.state.errors import RejectedUpdate
@@ -74,7 +72,6 @@ class StateSync:
         self._dirty = False
         self._outbox_send, self._outbox = trio.open_memory_channel[SignedUpdate](1024)
         self._pulled: dict[str, float] = {}
-        self._pubsub: Pubsub | None = None
 
     # ---- writing -------------------------------------------------------------------
 
@@ -106,30 +103,18 @@ class StateSync:
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.host.rpc.serve(PULL, self._rpc_pull)
-        router = GossipSub(
-            [PROTOCOL_ID_V12, PROTOCOL_ID_V11],
-            degree=6,
-            degree_low=4,
-            degree_high=12,
-            heartbeat_interval=1,
-            # Default drops everything above 10 msg/s per peer per topic (libp2p-notes).
-            spam_protection_enabled=False,
-        )
-        pubsub = Pubsub(self.host.libp2p, router)
-        async with background_trio_service(pubsub), background_trio_service(router):
-            await pubsub.wait_until_ready()
-            self._pubsub = pubsub
-            subscription = await pubsub.subscribe(topic_of(self.state.swarm))
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._gossip_in, subscription)
-                    nursery.start_soon(self._gossip_out, pubsub)
-                    nursery.start_soon(self._anti_entropy)
-                    nursery.start_soon(self._heartbeats)
-                    nursery.start_soon(self._saver)
-                    task_status.started()
-            finally:
-                self.save()
+        pubsub = self.host.pubsub
+        subscription = await pubsub.subscribe(topic_of(self.state.swarm))
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._gossip_in, subscription)
+                nursery.start_soon(self._gossip_out, pubsub)
+                nursery.start_soon(self._anti_entropy)
+                nursery.start_soon(self._heartbeats)
+                nursery.start_soon(self._saver)
+                task_status.started()
+        finally:
+            self.save()
 
     def save(self) -> None:
         if self.path is not None:

@@ -12,7 +12,11 @@ design/libp2p-notes.md applied here:
 5. its built-in AutoConnector is off and its 60 s negative dial cache is cleared before
    each explicit dial: shoal.transport.peering decides when to (re)dial, with backoff;
 6. yamux frames are capped at Noise's largest plaintext, so a full frame is one Noise
-   message instead of two (bug 10; +28-40 % bulk throughput, docs/benchmarks.md).
+   message instead of two (bug 10; +28-40 % bulk throughput, docs/benchmarks.md);
+7. gossipsub runs with its spam limit off and a 1 s heartbeat (bugs 6, 7), and lives
+   inside the host: connections are closed while pubsub still runs, because py-libp2p's
+   pubsub handlers run in the connections' tasks and fail ("nursery is closed") when a
+   message arrives after the pubsub service stopped.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import libp2p.stream_muxer.yamux.yamux as _libp2p_yamux
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.connection_types import ConnectionType
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
@@ -36,11 +40,14 @@ from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH as _NOISE_MAX_PLAINTEXT
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
 
 from shoal.transport.circuit import dial_circuit, is_circuit_addr
 from shoal.transport.errors import DialError
@@ -105,9 +112,15 @@ class Host:
     libp2p: IHost
     config: HostConfig
     rpc: Rpc
+    pubsub: Pubsub
     reachability: Reachability = Reachability.UNKNOWN
     # Addresses through relays that this node advertises while it is not reachable.
     relayed_addrs: list[str] = field(default_factory=list)
+    # Peers refused in both directions (bans, operator-cut links, partition tests).
+    refused: set[ID] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.libp2p.get_network().register_notifee(_RefuseNotifee(self))
 
     @property
     def peer_id(self) -> ID:
@@ -135,6 +148,8 @@ class Host:
             raise DialError(addr, f"not a valid multiaddr with /p2p/<peer id>: {exc}") from exc
         if info.peer_id == self.peer_id:
             raise DialError(addr, "that is this node's own address")
+        if info.peer_id in self.refused:
+            raise DialError(addr, "this node refuses that peer")
         if is_circuit_addr(addr):
             return await self._connect_via_relay(addr, info.peer_id)
         # Our callers pace their retries; py-libp2p's negative cache would otherwise refuse
@@ -161,6 +176,16 @@ class Host:
                 addr, f"no relayed connection within {self.config.dial_timeout}s"
             ) from exc
 
+    async def refuse(self, peers: set[ID]) -> None:
+        """Cut every connection to ``peers`` and refuse new ones, both ways, until admitted."""
+        self.refused |= peers
+        for peer in peers:
+            if self.is_connected(peer):
+                await self.libp2p.disconnect(peer)
+
+    def admit(self, peers: set[ID]) -> None:
+        self.refused -= peers
+
     def is_connected(self, peer: ID) -> bool:
         return bool(self.libp2p.get_network().connections.get(peer))
 
@@ -174,6 +199,34 @@ class Host:
             addrs = tuple(str(a) for c in conns for a in _conn_addrs(c))
             out.append(PeerLink(str(peer), addrs, relayed))
         return sorted(out, key=lambda link: link.peer_id)
+
+
+class _RefuseNotifee(INotifee):
+    """Closes a new connection from a refused peer as soon as it is established."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        peer = conn.muxed_conn.peer_id
+        if peer in self.host.refused:
+            log.info("refusing connection from %s", peer)
+            await conn.close()
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        return None
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        return None
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        return None
 
 
 def _is_relayed(conn: object) -> bool:
@@ -252,13 +305,27 @@ async def open_host(config: HostConfig) -> AsyncIterator[Host]:
     route_libp2p_logs()
     libp2p_host = build_libp2p_host(config)
     listen = [multiaddr.Multiaddr(a) for a in config.listen]
+    router = GossipSub(
+        [PROTOCOL_ID_V12, PROTOCOL_ID_V11],
+        degree=6,
+        degree_low=4,
+        degree_high=12,
+        heartbeat_interval=1,
+        spam_protection_enabled=False,
+    )
+    pubsub = Pubsub(libp2p_host, router)
     async with libp2p_host.run(listen):
         try:
-            host = Host(libp2p=libp2p_host, config=config, rpc=Rpc(libp2p_host))
-            log.info("listening on %s", ", ".join(host.listen_addrs()))
-            yield host
+            async with background_trio_service(pubsub), background_trio_service(router):
+                await pubsub.wait_until_ready()
+                host = Host(libp2p=libp2p_host, config=config, rpc=Rpc(libp2p_host), pubsub=pubsub)
+                log.info("listening on %s", ", ".join(host.listen_addrs()))
+                try:
+                    yield host
+                finally:
+                    await close_host(libp2p_host)  # while pubsub still runs (workaround 7)
         finally:
-            await close_host(libp2p_host)
+            await close_host(libp2p_host)  # idempotent; covers a failed pubsub start
 
 
 async def close_host(libp2p_host: IHost) -> None:

@@ -93,3 +93,20 @@ def test_select_prefers_the_newest_valid_record() -> None:
         record(seq=9, expires=10).encode(),
     ]
     assert select(key, values, now=50.0) == 2  # seq 9 has expired
+
+
+def test_wire_keys_fit_what_py_libp2p_routes_on() -> None:
+    from multihash import decode as decode_multihash
+
+    from shoal.dht.records import dht_provider_key, dht_value_key
+
+    logical = block_key("a-long-swarm-name", "organisation/some-model-7b-instruct", 31)
+    provider = bytes.fromhex(dht_provider_key(logical))
+    assert decode_multihash(provider).code == 0x12  # sha2-256, a valid FIND_NODE target
+    assert len(provider) == 34
+    value = dht_value_key(server_key("lab", "12D3KooWQVdkEof1uJSWkVQx284TJzTLciCaoq1QaBLMFPj1N6wa"))
+    assert value.startswith("/shoal/") and len(value.encode()) <= 50
+    assert dht_value_key("x") != dht_value_key("y")
+    # A record is accepted under its wire key as well as its logical key.
+    rec = record()
+    assert validate(dht_value_key(server_key("lab", rec.peer_id)), rec.encode(), now=0.0) == rec

@@ -6,6 +6,12 @@ Key layout (every key is prefixed by the swarm's name):
 - ``/shoal/<swarm>/blob/<sha256>``: provider key of a weight file, by content hash;
 - ``/shoal/<swarm>/server/<peer-id>``: the server's signed record (value key).
 
+These logical keys are not what goes on the wire: py-libp2p 0.8.1's FIND_NODE handler
+ignores target keys that are neither a multihash nor at most 50 bytes, so routing toward
+a 70-byte path silently fails. ``dht_provider_key`` turns a logical key into a sha256
+multihash and ``dht_value_key`` into ``/shoal/`` + 40 hex digits of its sha256 (47 bytes,
+still in our validator's namespace).
+
 py-libp2p keeps provider records for 48 h and answers from its local store first, so a
 provider record alone says nothing about liveness. Each server therefore also keeps a
 signed value record with an expiry (twice its refresh period) listing what it serves;
@@ -14,6 +20,7 @@ lookups keep only providers whose record is valid, unexpired and covers the bloc
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +46,15 @@ def blob_key(swarm: str, sha256: str) -> str:
 
 def server_key(swarm: str, peer_id: str) -> str:
     return f"/{NAMESPACE}/{swarm}/server/{peer_id}"
+
+
+def dht_provider_key(logical: str) -> str:
+    """Hex of a sha256 multihash (0x12 0x20 + digest), the form py-libp2p routes on."""
+    return "1220" + hashlib.sha256(logical.encode()).hexdigest()
+
+
+def dht_value_key(logical: str) -> str:
+    return f"/{NAMESPACE}/{hashlib.sha256(logical.encode()).hexdigest()[:40]}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,7 +157,7 @@ def decode_record(key: str, raw: bytes) -> ServerRecord:
         addrs=tuple(addrs),
         signature=signature,
     )
-    if key != server_key(swarm, peer_id):
+    if key not in (server_key(swarm, peer_id), dht_value_key(server_key(swarm, peer_id))):
         raise InvalidRecord(key, f"record of {peer_id} in swarm {swarm} stored under another key")
     try:
         public_key = ID.from_base58(peer_id).extract_public_key()

@@ -201,17 +201,11 @@ class Host:
         return sorted(out, key=lambda link: link.peer_id)
 
 
-class _RefuseNotifee(INotifee):
-    """Closes a new connection from a refused peer as soon as it is established."""
-
-    def __init__(self, host: Host) -> None:
-        self.host = host
+class ConnectionNotifee(INotifee):
+    """A py-libp2p notifee that ignores everything; override what you need."""
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
-        peer = conn.muxed_conn.peer_id
-        if peer in self.host.refused:
-            log.info("refusing connection from %s", peer)
-            await conn.close()
+        return None
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
         return None
@@ -227,6 +221,19 @@ class _RefuseNotifee(INotifee):
 
     async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
         return None
+
+
+class _RefuseNotifee(ConnectionNotifee):
+    """Closes a new connection from a refused peer as soon as it is established."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        peer = conn.muxed_conn.peer_id
+        if peer in self.host.refused:
+            log.info("refusing connection from %s", peer)
+            await conn.close()
 
 
 def _is_relayed(conn: object) -> bool:

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import libp2p.transport.tcp.tcp as _libp2p_tcp
-import multiaddr
 import trio
-from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import INetConn, INetwork
 from libp2p.peer.id import ID
 from libp2p.rcmgr import Direction
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
@@ -46,7 +45,7 @@ from libp2p.transport.exceptions import OpenConnectionError
 from shoal.transport.circuit import HOP_PROTOCOL, conn_is_relayed, reserve
 from shoal.transport.dialback import DialbackServer, call_dialback
 from shoal.transport.errors import DialError, RelayError, RemoteError
-from shoal.transport.host import Host, Reachability
+from shoal.transport.host import ConnectionNotifee, Host, Reachability
 from shoal.transport.nat_logic import (
     Backoff,
     CheckSchedule,
@@ -440,7 +439,7 @@ class _Wakeup:
         self._event = trio.Event()
 
 
-class _ConnectionEvents(INotifee):
+class _ConnectionEvents(ConnectionNotifee):
     """Swarm notifee that only pokes the service; swarm awaits notifees inline."""
 
     def __init__(self, on_change: Callable[[], None]) -> None:
@@ -451,18 +450,6 @@ class _ConnectionEvents(INotifee):
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
         self._on_change()
-
-    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
-
-    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
-
-    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
-        return None
-
-    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
-        return None
 
 
 class _RelayCloseNoise(logging.Filter):

@@ -53,6 +53,7 @@ class Node:
     host: Host
     peering: Peering
     sync: StateSync
+    nat: NatService
     api_url: str | None = None
 
     def status(self) -> dict[str, Any]:
@@ -70,6 +71,17 @@ class Node:
                 {"peer_id": link.peer_id, "addrs": list(link.addrs), "relayed": link.relayed}
                 for link in self.host.links()
             ],
+            "relay_reservations": [
+                {"relay": slot.relay, "addrs": list(slot.addrs)} for slot in self.nat.reservations()
+            ],
+            "hole_punches": {
+                peer: {
+                    "state": str(outcome.state),
+                    "attempts": outcome.attempts,
+                    "seconds": outcome.took,
+                }
+                for peer, outcome in self.nat.punches().items()
+            },
         }
 
     def swarm(self) -> dict[str, Any]:
@@ -154,12 +166,13 @@ async def run_node(
             table,
         )
         sync = StateSync(host, state, saved, SyncConfig(offline_after=config.offline_after))
-        node = Node(config, host, peering, sync)
+        nat = NatService(host, relay_hop=config.relay)
+        node = Node(config, host, peering, sync, nat)
         try:
             async with trio.open_nursery() as nursery:
                 serve_ping(host)
                 await nursery.start(peering.run)
-                await nursery.start(NatService(host, relay_hop=config.relay).run)
+                await nursery.start(nat.run)
                 await nursery.start(sync.run)
                 nursery.start_soon(_publish_roster, node)
                 if config.api is not None:

@@ -7,9 +7,9 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shoal.transport.backoff import Backoff
 from shoal.transport.host import Reachability
 from shoal.transport.nat_logic import (
-    Backoff,
     CheckSchedule,
     MinInterval,
     PunchBook,

@@ -7,7 +7,8 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shoal.transport.peering import Backoff, PeerTable, parse_peer_list
+from shoal.transport.backoff import Backoff
+from shoal.transport.peering import PeerTable, parse_peer_list
 
 A = "12D3KooWA"
 B = "12D3KooWB"
@@ -18,21 +19,23 @@ def addr(peer: str, port: int = 4001) -> str:
 
 
 def test_backoff_doubles_caps_and_resets() -> None:
-    backoff = Backoff(initial=1.0, maximum=8.0, jitter=0.0)
-    rng = random.Random(0)
-    delays = [backoff.failed(100.0, rng) for _ in range(6)]
+    backoff: Backoff[str] = Backoff(base=1.0, cap=8.0)
+    delays = [backoff.failed("x", 100.0) for _ in range(6)]
     assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
-    assert not backoff.ready(107.9)
-    assert backoff.ready(108.0)
-    backoff.succeeded()
-    assert backoff.ready(0.0) and backoff.failures == 0
+    assert not backoff.ready("x", 107.9)
+    assert backoff.ready("x", 108.0)
+    assert backoff.ready("other", 0.0)
+    backoff.succeeded("x")
+    assert backoff.ready("x", 0.0) and backoff.failures("x") == 0
 
 
-@given(st.integers(0, 30), st.floats(0, 1))
-def test_backoff_jitter_stays_in_band(failures: int, jitter: float) -> None:
-    backoff = Backoff(initial=0.5, maximum=30.0, jitter=jitter, failures=failures)
+@given(st.integers(0, 30), st.floats(0, 1), st.integers(0, 2**32))
+def test_backoff_jitter_stays_in_band(failures: int, jitter: float, seed: int) -> None:
+    backoff: Backoff[str] = Backoff(base=0.5, cap=30.0, jitter=jitter, rng=random.Random(seed))
+    for _ in range(failures):
+        backoff.failed("x", 0.0)
     base = min(30.0, 0.5 * 2.0**failures)
-    delay = backoff.failed(0.0, random.Random(failures))
+    delay = backoff.failed("x", 0.0)
     assert base * (1 - jitter) - 1e-9 <= delay <= base * (1 + jitter) + 1e-9
 
 
@@ -50,7 +53,7 @@ def test_dial_candidates_respect_backoff_connections_and_limit() -> None:
     peers = [f"12D3KooWP{i}" for i in range(5)]
     for peer in peers:
         table.learn(peer, [addr(peer)])
-    table.peers[peers[0]].backoff.failed(10.0, random.Random(0))
+    table.backoff.failed(peers[0], 10.0)
     got = table.dial_candidates(10.0, connected={peers[1]}, limit=10)
     assert got == [peers[2], peers[3], peers[4]]
     assert table.dial_candidates(10.0, connected=set(), limit=2) == [peers[1], peers[2]]

@@ -10,6 +10,7 @@
 - ``ping.py``: ``/shoal/ping/1``, payload echo with hashes (path checks, RTT).
 - ``nat.py``, ``nat_logic.py``, ``circuit.py``, ``dialback.py``: reachability by
   dial-back, Circuit Relay v2 reservations, DCUtR hole punching (docs/nat.md).
+- ``backoff.py``: keyed exponential backoff with jitter (dials, relays, punches).
 - ``logs.py``: routes and quietens py-libp2p's logging.
 - ``errors.py``: ``TransportError`` and its subclasses (``RemoteError`` and friends).
 """

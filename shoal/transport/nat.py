@@ -42,12 +42,12 @@ from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.exceptions import OpenConnectionError
 
+from shoal.transport.backoff import Backoff
 from shoal.transport.circuit import HOP_PROTOCOL, conn_is_relayed, reserve
 from shoal.transport.dialback import DialbackServer, call_dialback
 from shoal.transport.errors import DialError, RelayError, RemoteError
 from shoal.transport.host import ConnectionNotifee, Host, Reachability
 from shoal.transport.nat_logic import (
-    Backoff,
     CheckSchedule,
     PunchBook,
     PunchOutcome,

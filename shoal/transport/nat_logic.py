@@ -4,7 +4,7 @@ Nothing here awaits or touches a socket: :mod:`shoal.transport.nat` feeds these 
 events (a dial-back result, a reservation, a finished hole punch) with ``now`` and asks
 them what to do next. Peers are keyed by their base58 id string.
 
-- :class:`Backoff`: per-key exponential retry delays; :class:`MinInterval`: rate limit.
+- :class:`MinInterval`: a per-key rate limit (retry delays: ``backoff.Backoff``).
 - :func:`plan_dialback`: which ``(ip, port)`` a peer may dial back for a requester.
 - :class:`ReachabilityTracker`: dial-back results in, PUBLIC/PRIVATE/UNKNOWN out.
 - :class:`CheckSchedule`: when to run the next dial-back check.
@@ -17,47 +17,14 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Collection, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Generic, TypeVar
 
+from shoal.transport.backoff import Backoff
 from shoal.transport.host import Reachability
 
 K = TypeVar("K", bound=Hashable)
-
-
-@dataclass
-class Backoff(Generic[K]):
-    """Exponential backoff per key: ``base * factor**(failures-1)``, at most ``cap``."""
-
-    base: float
-    cap: float
-    factor: float = 2.0
-    _failures: dict[K, int] = field(default_factory=dict)
-    _retry_at: dict[K, float] = field(default_factory=dict)
-
-    def ready(self, key: K, now: float) -> bool:
-        return now >= self._retry_at.get(key, float("-inf"))
-
-    def retry_at(self, key: K) -> float | None:
-        return self._retry_at.get(key)
-
-    def failed(self, key: K, now: float) -> float:
-        """Record a failure; returns the delay before ``key`` is ready again."""
-        failures = self._failures.get(key, 0) + 1
-        self._failures[key] = failures
-        delay = min(self.cap, self.base * self.factor ** (failures - 1))
-        self._retry_at[key] = now + delay
-        return delay
-
-    def succeeded(self, key: K) -> None:
-        self._failures.pop(key, None)
-        self._retry_at.pop(key, None)
-
-    def next_retry(self, now: float) -> float | None:
-        """The earliest time after ``now`` at which some key becomes ready."""
-        later = [t for t in self._retry_at.values() if t > now]
-        return min(later) if later else None
 
 
 class MinInterval(Generic[K]):

@@ -11,14 +11,14 @@ so it is tested without a network; :class:`Peering` is the I/O shell around it.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
 from libp2p.peer.id import ID
 
+from shoal.transport.backoff import Backoff
 from shoal.transport.errors import DialError, RemoteError
 from shoal.transport.host import Host
 from shoal.transport.rpc import Message, Protocol
@@ -34,36 +34,14 @@ MAX_ADDRS_PER_PEER = 8
 MAX_PEERS_PER_REPLY = 64
 
 
-@dataclass
-class Backoff:
-    """Exponential backoff with jitter; ``now`` always comes from the caller."""
-
-    initial: float = 0.5
-    maximum: float = 30.0
-    factor: float = 2.0
-    jitter: float = 0.2
-    failures: int = 0
-    next_at: float = 0.0
-
-    def ready(self, now: float) -> bool:
-        return now >= self.next_at
-
-    def failed(self, now: float, rng: random.Random) -> float:
-        delay = min(self.maximum, self.initial * self.factor**self.failures)
-        delay *= 1 + self.jitter * (2 * rng.random() - 1)
-        self.failures += 1
-        self.next_at = now + delay
-        return delay
-
-    def succeeded(self) -> None:
-        self.failures = 0
-        self.next_at = 0.0
+def dial_backoff() -> Backoff[str]:
+    """0.5 s doubling to 30 s, +-20 %: retries of one target by many nodes spread out."""
+    return Backoff(base=0.5, cap=30.0, jitter=0.2)
 
 
 @dataclass
 class KnownPeer:
     addrs: list[str]
-    backoff: Backoff = field(default_factory=Backoff)
 
 
 class PeerTable:
@@ -73,6 +51,7 @@ class PeerTable:
         self.self_id = self_id
         self.max_peers = max_peers
         self.peers: dict[str, KnownPeer] = {}
+        self.backoff = dial_backoff()
 
     def learn(self, peer_id: str, addrs: Iterable[str]) -> bool:
         """Remember addresses for a peer; True when the peer is new."""
@@ -92,12 +71,8 @@ class PeerTable:
 
     def dial_candidates(self, now: float, connected: set[str], limit: int) -> list[str]:
         """Peers to dial now: not connected, backoff elapsed, fewest failures first."""
-        ready = [
-            pid
-            for pid, known in self.peers.items()
-            if pid not in connected and known.backoff.ready(now)
-        ]
-        ready.sort(key=lambda pid: self.peers[pid].backoff.failures)
+        ready = [pid for pid in self.peers if pid not in connected and self.backoff.ready(pid, now)]
+        ready.sort(key=self.backoff.failures)
         return ready[: max(0, limit)]
 
     def to_json(self) -> dict[str, list[str]]:
@@ -147,8 +122,7 @@ class Peering:
         self.host = host
         self.config = config
         self.table = table or PeerTable(str(host.peer_id))
-        self.rng = random.Random()
-        self._bootstrap = {addr: Backoff() for addr in config.bootstrap}
+        self._bootstrap_backoff = dial_backoff()
         self._dialing: set[str] = set()
         self._last_exchange: dict[str, float] = {}
 
@@ -165,9 +139,13 @@ class Peering:
 
     def _upkeep(self, nursery: trio.Nursery, now: float) -> None:
         connected = self.connected()
-        for addr, backoff in self._bootstrap.items():
-            if _peer_of(addr) not in connected and addr not in self._dialing and backoff.ready(now):
-                nursery.start_soon(self._dial, addr, backoff)
+        for addr in self.config.bootstrap:
+            if (
+                _peer_of(addr) not in connected
+                and addr not in self._dialing
+                and self._bootstrap_backoff.ready(addr, now)
+            ):
+                nursery.start_soon(self._dial, addr)
         room = self.config.target_peers - len(connected) - len(self._dialing)
         for pid in self.table.dial_candidates(now, connected | self._dialing, room):
             known = self.table.peers[pid]
@@ -177,15 +155,15 @@ class Peering:
                 self._last_exchange[pid] = now
                 nursery.start_soon(self._exchange, ID.from_base58(pid))
 
-    async def _dial(self, addr: str, backoff: Backoff) -> None:
+    async def _dial(self, addr: str) -> None:
         self._dialing.add(addr)
         try:
             peer = await self.host.connect(addr)
         except DialError as exc:
-            delay = backoff.failed(trio.current_time(), self.rng)
+            delay = self._bootstrap_backoff.failed(addr, trio.current_time())
             log.info("bootstrap %s failed (%s); retrying in %.1fs", addr, exc.reason, delay)
         else:
-            backoff.succeeded()
+            self._bootstrap_backoff.succeeded(addr)
             self.table.learn(str(peer), [addr])
             log.info("joined through %s", addr)
         finally:
@@ -199,9 +177,9 @@ class Peering:
                     await self.host.connect(addr)
                 except DialError:
                     continue
-                known.backoff.succeeded()
+                self.table.backoff.succeeded(pid)
                 return
-            known.backoff.failed(trio.current_time(), self.rng)
+            self.table.backoff.failed(pid, trio.current_time())
         finally:
             self._dialing.discard(pid)
 

@@ -151,8 +151,13 @@ def keygen(
     out.print(f"wrote {path}; start every node of the swarm with --swarm-key {path}")
 
 
+def _api_url(api: str) -> str:
+    """``HOST:PORT`` or a URL -> the API's base URL."""
+    return api if api.startswith("http") else f"http://{api}"
+
+
 def _api_get(api: str, path: str) -> Any:
-    url = api if api.startswith("http") else f"http://{api}"
+    url = _api_url(api)
     try:
         response = httpx.get(f"{url}{path}", timeout=5)
         response.raise_for_status()
@@ -235,7 +240,7 @@ def ping(
     api: Annotated[str, typer.Option(help="the node's API, HOST:PORT or URL")] = DEFAULT_API,
 ) -> None:
     """Send a payload to a peer through a running node and check it comes back intact."""
-    url = api if api.startswith("http") else f"http://{api}"
+    url = _api_url(api)
     try:
         response = httpx.post(f"{url}/v1/ping", json={"peer": peer, "bytes": size}, timeout=180)
     except httpx.HTTPError as exc:

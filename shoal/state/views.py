@@ -116,8 +116,9 @@ def models(state: SwarmState) -> dict[str, ModelRecord]:
     """One record per model id; when several peers registered one, the earliest author
     in peer-id order wins, so every node picks the same."""
     out: dict[str, ModelRecord] = {}
-    for author in sorted(state.section("models")):
-        for model_id, raw in state.section("models")[author].items():
+    registrations = state.section("models")
+    for author in sorted(registrations):
+        for model_id, raw in registrations[author].items():
             if model_id in out or not isinstance(raw, Mapping):
                 continue
             num_blocks = _int(raw.get("num_blocks"), 0)

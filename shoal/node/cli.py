@@ -256,6 +256,78 @@ def ping(
     )
 
 
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the text to continue")],
+    local: Annotated[
+        bool, typer.Option("--local", help="run the whole model in this process (no network)")
+    ] = False,
+    model: Annotated[str, typer.Option(help="model directory or built-in name")] = "shoal-tiny",
+    max_tokens: Annotated[int, typer.Option(help="most new tokens to generate")] = 200,
+    temperature: Annotated[float, typer.Option(help="0 for greedy")] = 0.8,
+    top_k: Annotated[int, typer.Option(help="keep the k most likely tokens (0: all)")] = 0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling threshold")] = 0.95,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="seed for reproducible sampling")] = None,
+    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16")] = "fp32",
+    quantize: Annotated[str | None, typer.Option(help="int8 or int4 weights")] = None,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="wrap the prompt in the model's chat template")
+    ] = False,
+) -> None:
+    """Generate text, streaming it as it comes (with --local: in this process)."""
+    if not local:
+        _fail(
+            "generating through the swarm is not built yet; "
+            "run the model in this process with --local",
+            2,
+        )
+    from shoal.kernels.sampling import SamplingParams
+    from shoal.pipeline.generate import GenerationStats
+    from shoal.pipeline.generate import generate as generate_tokens
+    from shoal.pipeline.loading import load_span, load_tokenizer, open_checkpoint
+    from shoal.pipeline.tokenizer import StreamDecoder
+
+    if dtype not in ("fp32", "bf16", "fp16"):
+        _fail(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16", 2)
+    try:
+        checkpoint = open_checkpoint(model)
+        tokenizer = load_tokenizer(checkpoint)
+        text = tokenizer.render_chat([{"role": "user", "content": prompt}]) if chat else prompt
+        weights = load_span(checkpoint, dtype=dtype, quantize=quantize, progress=err.is_terminal)
+    except Error as exc:
+        _fail(str(exc), 2)
+        return
+    sampling = SamplingParams(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    stats = GenerationStats()
+    stream = StreamDecoder(tokenizer)
+    sys.stdout.write(prompt if not chat else "")
+    tokens = generate_tokens(
+        weights,
+        tokenizer.encode(text),
+        max_new_tokens=max_tokens,
+        sampling=sampling,
+        stop_ids=tokenizer.eos_ids,
+        stats=stats,
+    )
+    for token in tokens:
+        sys.stdout.write(stream.push(token))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    err.print(
+        f"{stats.new_tokens} tokens; prompt {stats.prompt_tokens} tokens at "
+        f"{stats.prefill_tokens_per_second:.1f} tokens/s, "
+        f"decode {stats.decode_tokens_per_second:.1f} tokens/s",
+        highlight=False,
+    )
+
+
 def main() -> None:
     try:
         app()

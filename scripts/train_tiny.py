@@ -1,0 +1,219 @@
+"""Train the built-in byte-level model ``shoal-tiny`` on tinyshakespeare with shoal's model code.
+
+    nice -n 19 python scripts/train_tiny.py                # train, save, evaluate, write the card
+    python scripts/train_tiny.py --card-only               # re-evaluate the saved model, rewrite the card
+
+The last 10% of the text is held out. Training is deterministic for a given --seed and
+--threads (the data order comes from a seeded generator; float reductions depend on the
+thread count). Weights are stored in bf16 (the loader converts to the requested dtype).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import save_file
+
+from shoal.pipeline.config import ModelConfig
+from shoal.pipeline.model import DecoderSpan, Span
+from shoal.pipeline.tokenizer import byte_level_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+OUT = ROOT / "shoal" / "models" / "shoal-tiny"
+BOS, EOS = 256, 257
+
+CONFIG = ModelConfig(
+    architecture="LlamaForCausalLM",
+    vocab_size=258,
+    hidden_size=256,
+    intermediate_size=512,
+    num_layers=8,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=32,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+    bos_token_id=BOS,
+    eos_token_ids=(EOS,),
+)
+
+
+def split(data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bytes -> (train, held-out) token tensors; the held-out part is the last 10%."""
+    cut = len(data) * 9 // 10
+    tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+    return tokens[:cut], tokens[cut:]
+
+
+def init_weights(model: DecoderSpan, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    residual_std = 0.02 / math.sqrt(2 * CONFIG.num_layers)
+    for name, p in model.named_parameters():
+        if name.endswith("layernorm.weight") or name == "norm.weight":
+            continue
+        std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def batch_of(
+    tokens: torch.Tensor, batch: int, seq: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    starts = torch.randint(0, tokens.numel() - seq - 1, (batch,), generator=gen)
+    rows = torch.stack([tokens[s : s + seq + 1] for s in starts.tolist()])
+    return rows[:, :-1], rows[:, 1:]
+
+
+@torch.no_grad()
+def held_out_loss(model: DecoderSpan, tokens: torch.Tensor, seq: int) -> float:
+    """Mean cross-entropy (nats/byte) over the held-out text in non-overlapping windows."""
+    total, count = 0.0, 0
+    usable = (tokens.numel() - 1) // seq * seq
+    inputs = tokens[:usable].view(-1, seq)
+    targets = tokens[1 : usable + 1].view(-1, seq)
+    for i in range(0, inputs.shape[0], 16):
+        logits = model(inputs[i : i + 16]).float()
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets[i : i + 16].reshape(-1), reduction="sum"
+        )
+        total += float(loss)
+        count += targets[i : i + 16].numel()
+    return total / count
+
+
+def unigram_loss(train: torch.Tensor, held_out: torch.Tensor) -> float:
+    """Cross-entropy of byte frequencies from the training text (add-one smoothed)."""
+    counts = torch.bincount(train, minlength=256).double() + 1
+    logp = (counts / counts.sum()).log()
+    return float(-logp[held_out].mean())
+
+
+def train(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    train_tokens, _ = split(DATA.read_bytes())
+    model = DecoderSpan(CONFIG, Span.full(CONFIG))
+    model.tie_weights()
+    init_weights(model, args.seed)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
+    gen = torch.Generator().manual_seed(args.seed)
+    log = []
+    started = time.monotonic()
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns) as bar:
+        task = bar.add_task("training shoal-tiny", total=args.steps, status="")
+        for step in range(args.steps):
+            lr = _lr(step, args)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, y = batch_of(train_tokens, args.batch, args.seq, gen)
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if step % 50 == 0 or step == args.steps - 1:
+                log.append(
+                    {
+                        "step": step,
+                        "loss": round(loss.item(), 4),
+                        "lr": lr,
+                        "seconds": round(time.monotonic() - started, 1),
+                    }
+                )
+            bar.update(task, advance=1, status=f"loss {loss.item():.3f}")
+    save(model, args, log, time.monotonic() - started)
+
+
+def _lr(step: int, args: argparse.Namespace) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save(
+    model: DecoderSpan, args: argparse.Namespace, log: list[dict[str, float]], seconds: float
+) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    state = {
+        f"model.{k}": v.detach().to(torch.bfloat16).contiguous()
+        for k, v in model.state_dict().items()
+        if k != "lm_head.weight"
+    }
+    save_file(state, str(OUT / "model.safetensors"), metadata={"format": "pt"})
+    (OUT / "model.safetensors").chmod(0o644)
+    (OUT / "config.json").write_text(
+        json.dumps({**CONFIG.to_hf(), "torch_dtype": "bfloat16"}, indent=2) + "\n"
+    )
+    byte_level_tokenizer().save(str(OUT / "tokenizer.json"))
+    (OUT / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_bos_token": True,
+                "bos_token": "<|bos|>",
+                "eos_token": "<|eos|>",
+                "model_max_length": CONFIG.max_position_embeddings,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    run = {
+        "seed": args.seed,
+        "steps": args.steps,
+        "batch": args.batch,
+        "seq": args.seq,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "threads": args.threads,
+        "seconds": round(seconds, 1),
+        "log": log,
+    }
+    (OUT / "training_log.json").write_text(json.dumps(run, indent=1) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--card-only", action="store_true", help="evaluate the saved model, write the card"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.card_only:
+        train(args)
+
+
+if __name__ == "__main__":
+    main()

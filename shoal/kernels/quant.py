@@ -1,0 +1,173 @@
+"""Weight-only quantized linear layers for CPU: int8 per output channel, int4 group-wise.
+
+int8: ``w ~= q * scale`` with ``q`` int8 in [-127, 127] and one scale per output row.
+int4: for each group of ``group_size`` input columns of a row, ``w ~= (q - 8) * scale +
+zero`` with ``q`` in [0, 15] (the layout of torch's ``_weight_int4pack_mm_for_cpu``).
+
+Each layer runs torch's packed kernel (``_weight_int8pack_mm``,
+``_weight_int4pack_mm_for_cpu``) when the platform has it and a plain dequantize-then-matmul
+otherwise; the plain path is also the reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shoal.kernels.errors import QuantizationError
+
+QUANT_FORMATS = ("int8", "int4")
+INT4_GROUP_SIZE = 32
+_HAS_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
+_HAS_INT4_MM = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(
+    torch, "_convert_weight_to_int4pack_for_cpu"
+)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[out, in]`` float weight -> (int8 ``[out, in]``, fp32 scales ``[out]``)."""
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return q.float() * scales[:, None]
+
+
+def quantize_int4(
+    weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[out, in]`` weight -> (int32 codes in [0, 15], scales, zeros), both ``[out, in/group]``."""
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise QuantizationError(
+            f"int4 needs in_features ({in_features}) divisible by the group size ({group_size})"
+        )
+    groups = weight.float().reshape(out_features, -1, group_size)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-6)
+    zeros = lo + 8 * scales
+    q = torch.round((groups - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32)
+    return q.reshape(out_features, in_features), scales, zeros
+
+
+def dequantize_int4(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    out_features, in_features = q.shape
+    groups = q.reshape(out_features, -1, group_size).float()
+    return ((groups - 8) * scales[..., None] + zeros[..., None]).reshape(out_features, in_features)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear layer (activations stay in the model's dtype)."""
+
+    weight_int8: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(
+        self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("scales", scales.to(dtype))
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.fast = _HAS_INT8_MM and q.device.type == "cpu"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        q, scales = quantize_int8(linear.weight.detach())
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(q, scales, bias, linear.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast:
+            shape = x.shape
+            y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight_int8, self.scales)
+            y = y.reshape(*shape[:-1], self.out_features)
+        else:
+            y = self.reference(x, with_bias=False)
+        return y if self.bias is None else y + self.bias
+
+    def reference(self, x: torch.Tensor, *, with_bias: bool = True) -> torch.Tensor:
+        w = dequantize_int8(self.weight_int8, self.scales.float()).to(x.dtype)
+        y = x @ w.T
+        return y + self.bias if with_bias and self.bias is not None else y
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4 linear layer with one (scale, zero) per group of input columns."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    packed: torch.Tensor
+    scales_and_zeros: torch.Tensor
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        group_size: int,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.group_size = group_size
+        self.fast = _HAS_INT4_MM and q.device.type == "cpu"
+        # reference layout: two codes per byte, low nibble first
+        self.register_buffer("codes", (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8))
+        self.register_buffer("scales", scales.to(dtype))
+        self.register_buffer("zeros", zeros.to(dtype))
+        if self.fast:
+            self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 8))
+            # [in/group, out, 2]: what the packed kernel takes
+            sz = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()
+            self.register_buffer("scales_and_zeros", sz.to(dtype))
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> Int4Linear:
+        q, scales, zeros = quantize_int4(linear.weight.detach(), group_size)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(q, scales, zeros, bias, linear.weight.dtype, group_size)
+
+    def unpacked(self) -> torch.Tensor:
+        codes = self.codes.to(torch.int32)
+        q = torch.stack((codes & 0xF, codes >> 4), dim=-1)
+        return q.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast:
+            shape = x.shape
+            y = torch._weight_int4pack_mm_for_cpu(
+                x.reshape(-1, shape[-1]), self.packed, self.group_size, self.scales_and_zeros
+            )
+            y = y.reshape(*shape[:-1], self.out_features)
+        else:
+            y = self.reference(x, with_bias=False)
+        return y if self.bias is None else y + self.bias
+
+    def reference(self, x: torch.Tensor, *, with_bias: bool = True) -> torch.Tensor:
+        w = dequantize_int4(
+            self.unpacked(), self.scales.float(), self.zeros.float(), self.group_size
+        )
+        y = x @ w.to(x.dtype).T
+        return y + self.bias if with_bias and self.bias is not None else y
+
+
+def quantize_linears(module: nn.Module, fmt: str) -> nn.Module:
+    """Replace every ``nn.Linear`` inside ``module`` (or ``module`` itself) in place; returns it."""
+    if fmt not in QUANT_FORMATS:
+        raise QuantizationError(f"unknown format {fmt!r}; use one of {', '.join(QUANT_FORMATS)}")
+    convert = Int8Linear.from_linear if fmt == "int8" else Int4Linear.from_linear
+    if isinstance(module, nn.Linear):
+        return convert(module)
+    for name, child in list(module.named_children()):
+        setattr(module, name, quantize_linears(child, fmt))
+    return module

@@ -1,0 +1,74 @@
+"""Quantized linear layers: packed kernels against the dequantize-then-matmul reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from shoal.kernels.errors import QuantizationError
+from shoal.kernels.quant import (
+    Int4Linear,
+    Int8Linear,
+    dequantize_int4,
+    dequantize_int8,
+    quantize_int4,
+    quantize_int8,
+    quantize_linears,
+)
+
+
+def _linear(seed: int = 0, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(128, 48, bias=bias)
+
+
+def test_int8_round_trip_error_is_within_half_a_step() -> None:
+    w = _linear().weight.detach()
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    err = (dequantize_int8(q, scales) - w).abs()
+    assert bool((err <= scales[:, None] / 2 + 1e-7).all())
+
+
+def test_int4_round_trip_error_is_within_half_a_step() -> None:
+    w = _linear().weight.detach()
+    q, scales, zeros = quantize_int4(w, 32)
+    assert int(q.min()) == 0 and int(q.max()) == 15
+    err = (dequantize_int4(q, scales, zeros, 32) - w).abs().reshape(48, 4, 32)
+    assert bool((err <= scales[..., None] / 2 + 1e-6).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", [Int8Linear, Int4Linear])
+def test_packed_kernel_matches_reference(
+    kind: type[Int8Linear | Int4Linear], dtype: torch.dtype
+) -> None:
+    layer = kind.from_linear(_linear().to(dtype))
+    assert layer.fast, "torch 2.4+ on CPU has the packed kernels"
+    x = torch.randn(2, 5, 128, generator=torch.Generator().manual_seed(3)).to(dtype)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(layer(x), layer.reference(x), atol=tol, rtol=tol)
+    layer.fast = False  # the plain path, as on platforms without the kernels
+    torch.testing.assert_close(layer(x), layer.reference(x), atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_quantized_outputs_stay_close_to_fp32() -> None:
+    linear = _linear()
+    x = torch.randn(8, 128, generator=torch.Generator().manual_seed(4))
+    exact = linear(x)
+    rel8 = (Int8Linear.from_linear(linear)(x) - exact).norm() / exact.norm()
+    rel4 = (Int4Linear.from_linear(linear)(x) - exact).norm() / exact.norm()
+    assert float(rel8) < 0.01
+    assert float(rel4) < 0.1
+
+
+def test_quantize_linears_replaces_nested_layers() -> None:
+    model = nn.Sequential(_linear(), nn.Sequential(nn.Linear(48, 64), nn.Linear(64, 32)))
+    quantize_linears(model, "int8")
+    assert isinstance(model[0], Int8Linear) and isinstance(model[1][1], Int8Linear)
+    with pytest.raises(QuantizationError, match="divisible by the group size"):
+        Int4Linear.from_linear(nn.Linear(40, 8))
+    with pytest.raises(QuantizationError, match="unknown format 'int3'"):
+        quantize_linears(model, "int3")

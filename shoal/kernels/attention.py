@@ -88,13 +88,17 @@ def attention(
     """Causal GQA with SDPA; ``k``/``v`` hold every position from 0 (cache included)."""
     n_q, n_k = q.shape[2], k.shape[2]
     groups = q.shape[1] // k.shape[1]
+    windowed = window is not None and n_k > window
+    if n_q == 1 and not windowed:
+        # one query sees every key; the `groups` query heads that share a kv head become
+        # `groups` queries of that head, so the cache is never copied
+        b, h, _, d = q.shape
+        grouped = q.reshape(b, k.shape[1], groups, d)
+        return F.scaled_dot_product_attention(grouped, k, v).reshape(b, h, 1, d)
     if groups > 1:
         # SDPA's enable_gqa falls back to the slow math kernel on CPU; expanding is cheaper
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    windowed = window is not None and n_k > window
-    if n_q == 1 and not windowed:
-        return F.scaled_dot_product_attention(q, k, v)  # one query sees every key
     if start == 0 and n_q == n_k and not windowed:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     mask = attention_mask(n_q, n_k, start, window if windowed else None, q.device)

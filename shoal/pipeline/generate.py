@@ -55,7 +55,8 @@ def generate(
     cache = model.new_cache(batch=1)
     history = torch.tensor([prompt], dtype=torch.long, device=model.device)
     started = time.perf_counter()
-    logits = model(history, cache)[:, -1]
+    hidden = model.blocks_forward(model.embed(history), cache)
+    logits = model.head(hidden[:, -1:])[:, -1]  # the prompt's other positions need no logits
     for i in range(max_new_tokens):
         token = sampler(logits, history)
         now = time.perf_counter()

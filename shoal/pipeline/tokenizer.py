@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,9 +114,19 @@ class TextTokenizer:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_template_error
+        env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+        eos = self.tokenizer.id_to_token(self.eos_ids[0]) if self.eos_ids else ""
+        # bos_token is left out of the text: encode() adds the bos id itself
         return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=True, bos_token="", eos_token=""
+            messages=messages, add_generation_prompt=True, bos_token="", eos_token=eos or ""
         )
+
+
+def _raise_template_error(message: str) -> None:
+    raise ModelLoadError(
+        "tokenizer_config.json", f"the chat template refused: {message}", "check the messages"
+    )
 
 
 class StreamDecoder:

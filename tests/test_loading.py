@@ -14,7 +14,7 @@ from shoal.kernels.quant import Int4Linear, Int8Linear
 from shoal.pipeline.errors import ModelLoadError, SpanError, UnsupportedArchitecture
 from shoal.pipeline.loading import load_span, load_tokenizer, open_checkpoint
 from shoal.pipeline.model import Span
-from shoal.pipeline.tokenizer import byte_level_tokenizer
+from shoal.pipeline.tokenizer import StreamDecoder, byte_level_tokenizer
 from tests.models import save_hf_model
 
 pytest.importorskip("transformers")
@@ -181,3 +181,5 @@ def test_tokenizer_and_chat_template(tmp_path: Path) -> None:
     assert text == "<user>hi\n<assistant>"
     assert tokenizer.encode("hé") == [1, 104, 195, 169]
     assert tokenizer.decode([104, 195, 169]) == "hé"
+    stream = StreamDecoder(tokenizer)  # "é" is two bytes: nothing until both arrived
+    assert [stream.push(t) for t in (104, 195, 169, 33)] == ["h", "", "é", "!"]

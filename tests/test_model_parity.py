@@ -79,3 +79,18 @@ def test_span_of_blocks_2_to_4_matches_full_model(checkpoint: tuple[Any, Path]) 
     hidden = middle.blocks_forward(handoff)
     assert torch.equal(hidden, full.blocks_forward(full.embed(tokens)))
     torch.testing.assert_close(full.head(hidden), hf(tokens).logits, atol=TOL, rtol=0)
+
+
+@torch.no_grad()
+def test_rewinding_the_cache_replays_exactly(checkpoint: tuple[Any, Path]) -> None:
+    """Positions below the cache length rewind it (failover replay, speculative rollback)."""
+    hf, directory = checkpoint
+    model = load_span(directory)
+    tokens = torch.tensor([[1, 8, 30, 4, 61, 19, 77, 52, 9, 40]])
+    cache = model.new_cache()
+    model(tokens[:, :7], cache)
+    model(torch.tensor([[3, 3, 3]]), cache)  # a branch that is then abandoned
+    assert cache.length == 10
+    replay = model(tokens[:, 5:], cache, torch.arange(5, 10))
+    assert cache.length == 10
+    torch.testing.assert_close(replay, hf(tokens).logits[:, 5:], atol=TOL, rtol=0)

@@ -175,7 +175,7 @@ def load_span(
     """Build a :class:`DecoderSpan` for ``span`` (default: the whole model) from a checkpoint.
 
     dtype: fp32/bf16/fp16 (or the torch dtype). quantize: None, ``int8`` or ``int4``
-    (weight-only, the blocks' linear layers and an untied LM head).
+    (weight-only: the blocks' linear layers and the LM head).
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     config = ckpt.config
@@ -212,7 +212,8 @@ def load_span(
                     )
                 state[key] = tensor.to(target)
             module.load_state_dict(state, assign=True)
-            if quantize is not None and _quantizable(prefix, config):
+            # the embedding is a lookup and stays as it is; a tied head quantizes its own copy
+            if quantize is not None and prefix != "embed_tokens.":
                 try:
                     quantized = quantize_linears(module, quantize)
                 except QuantizationError as exc:
@@ -225,13 +226,6 @@ def load_span(
     if config.tie_word_embeddings and quantize is None:
         model.tie_weights()
     return model.eval()
-
-
-def _quantizable(prefix: str, config: ModelConfig) -> bool:
-    """Blocks and an untied head are quantized; the embedding (a lookup) stays as it is."""
-    if prefix == "lm_head.":
-        return not config.tie_word_embeddings
-    return prefix.startswith("layers.")
 
 
 def _load_groups(model: DecoderSpan) -> Iterator[tuple[str, nn.Module]]:

@@ -180,8 +180,26 @@ def main() -> None:
             f"llama-100m peak RSS over import: full model {rss['full']:.0f} MiB, all 12 blocks"
             f" {rss['blocks']:.0f} MiB, blocks 0..5 {rss['half']:.0f} MiB"
         )
+    print(markdown(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The figures as the table in docs/benchmarks.md (tokens/s; ratio = shoal / transformers)."""
+    lines = [
+        "| model | shoal weights | transformers weights | prefill shoal | prefill transformers"
+        " | ratio | decode shoal | decode transformers | ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['dtype']} | {r['hf_dtype']} | {r['shoal_prefill']:.0f}"
+            f" | {r['hf_prefill']:.0f} | {r['shoal_prefill'] / r['hf_prefill']:.2f}x"
+            f" | {r['shoal_decode']:.1f} | {r['hf_decode']:.1f}"
+            f" | {r['shoal_decode'] / r['hf_decode']:.2f}x |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -198,7 +198,7 @@ def load_span(
             "check that config.json belongs to these weights",
         )
     groups = list(_load_groups(model))
-    with _progress(progress, len(groups)) as advance, _Files() as files:
+    with _LoadProgress(progress, len(groups)) as advance, _Files() as files:
         for prefix, module in groups:
             state = {}
             for key, param in module.state_dict(keep_vars=True).items():
@@ -262,7 +262,7 @@ class _Files:
             ) from None
 
 
-class _progress:
+class _LoadProgress:
     """A rich progress bar over loaded units, or nothing when ``enabled`` is False."""
 
     def __init__(self, enabled: bool, total: int) -> None:

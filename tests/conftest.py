@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import traceback
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
+import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
 
 from shoal.transport.host import Host, HostConfig, open_host
@@ -19,3 +21,26 @@ async def loopback_host(psk: str | None = None, dial_timeout: float = 5.0) -> As
     )
     async with open_host(config) as host:
         yield host
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Trio nests exception groups deeper than Python prints (10 levels): add the leaf
+    exceptions of a failure to the report, so that the cause is visible."""
+    outcome = yield
+    if call.excinfo is not None and isinstance(call.excinfo.value, BaseExceptionGroup):
+        report = outcome.get_result()
+        text = "\n".join(
+            "".join(traceback.format_exception(type(leaf), leaf, leaf.__traceback__, limit=-8))
+            for leaf in _leaves(call.excinfo.value)
+            if not isinstance(leaf, KeyboardInterrupt)
+        )
+        report.sections.append(("leaf exceptions", text))

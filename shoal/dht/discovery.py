@@ -1,11 +1,16 @@
-"""Model-shard discovery on py-libp2p's Kademlia.
+"""Model-shard and weight-file discovery on Kademlia.
 
-A server announces the blocks it serves: one provider record per block key and one
-signed server record (spans, blobs, addresses, expiry) under its own server key, both
-refreshed every ``refresh_interval``; the record expires after twice that. Lookups ask
-the DHT for a block's providers and keep those whose record is valid, unexpired and
-covers the block, so a dead server drops out within two refresh periods even though
-py-libp2p keeps returning its provider records (48 h).
+A server announces what it serves: one provider record per block key and per weight-file
+key (by sha256), and one signed server record (spans, blobs, addresses, expiry) under its
+own server key, all refreshed every ``refresh_interval``; the record expires after twice
+that. Lookups ask the DHT for a key's providers and keep those whose record is valid,
+unexpired and covers the key, so a dead server drops out within two refresh periods even
+though py-libp2p keeps provider records for 48 h.
+
+Lookups are Kademlia's iterative walk, bounded: ask the ``alpha`` closest peers we know at
+once, learn closer ones from their replies, stop when the ``alpha`` closest known peers
+have answered. In a swarm whose routing tables hold the closest peers (every swarm of a
+few dozen nodes) that is one round trip. Server records are cached until they expire.
 
 Reachable nodes run the DHT in server mode, nodes behind NAT in client mode (they query
 but do not store), following ``Host.reachability``.
@@ -15,21 +20,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import trio
 from libp2p.crypto.keys import KeyPair
-from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.kad_dht import DHTMode
+from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
+from shoal.dht import kad
 from shoal.dht.errors import InvalidRecord
 from shoal.dht.records import (
     NAMESPACE,
     ServerRecord,
+    blob_key,
     block_key,
     dht_provider_key,
     dht_value_key,
@@ -45,9 +54,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 
 class _RecordValidator(Validator):
-    """Plugs shoal's record rules into py-libp2p (on store and on read)."""
+    """Plugs shoal's record rules into py-libp2p's store (on PUT_VALUE from peers)."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
@@ -65,11 +77,57 @@ class _RecordValidator(Validator):
 
 @dataclass(frozen=True, kw_only=True)
 class DiscoveryConfig:
-    """refresh_interval: seconds between re-announcements; records expire after twice
-    that. lookup_timeout: seconds one lookup may take."""
+    """refresh_interval: seconds between re-announcements (records expire after twice
+    that); lookup_timeout: seconds one lookup may take; request_timeout: seconds one
+    request to one peer may take; replication: peers that store each record; alpha:
+    peers asked at once; max_requests: requests this node has in flight at most;
+    absent_ttl: seconds to remember that a provider has no valid record."""
 
-    refresh_interval: float = 60.0
+    refresh_interval: float = 30.0
     lookup_timeout: float = 5.0
+    request_timeout: float = 2.0
+    replication: int = 8
+    alpha: int = 3
+    max_requests: int = 32
+    absent_ttl: float = 5.0
+
+
+@dataclass
+class _Walk:
+    """The state of one iterative lookup: peers by distance to the key, which were asked,
+    which answered, which failed."""
+
+    key: bytes
+    alpha: int
+    known: list[ID]
+    asked: set[ID] = field(default_factory=set)
+    answered: set[ID] = field(default_factory=set)
+    failed: set[ID] = field(default_factory=set)
+
+    def learn(self, peers: list[ID]) -> None:
+        fresh = [p for p in peers if p not in self.known]
+        if fresh:
+            self.known = sort_peer_ids_by_distance(self.key, self.known + fresh)
+
+    def live(self) -> list[ID]:
+        return [p for p in self.known if p not in self.failed]
+
+    def done(self) -> bool:
+        """The ``alpha`` closest peers that answered are closer than every peer not yet
+        asked (a peer still in flight does not hold the walk up: a slow or dead peer
+        costs nothing once closer ones have answered)."""
+        seen = 0
+        for peer in self.known:
+            if peer in self.answered:
+                seen += 1
+                if seen == self.alpha:
+                    return True
+            elif peer not in self.asked:
+                return False
+        return not self.next_peers(1)
+
+    def next_peers(self, count: int) -> list[ID]:
+        return [p for p in self.known if p not in self.asked][:count]
 
 
 class Discovery:
@@ -86,16 +144,21 @@ class Discovery:
         self.key_pair = key_pair
         self.config = config
         self.clock = clock
+        self.peer_id = str(host.peer_id)
         self.spans: dict[str, tuple[int, int]] = {}
-        self._seq = 0
+        self.blobs: set[str] = set()
         self._changed = trio.Event()
-        self._records: dict[str, ServerRecord] = {}
-        self.dht: KadDHT | None = None
+        self._records: dict[str, tuple[ServerRecord, float]] = {}  # peer -> (record, fetched)
+        self._absent: dict[str, float] = {}  # peer -> until when it counts as absent
+        self._requests = trio.Semaphore(config.max_requests)
+        self.dht: kad.KadNode | None = None
 
     # ---- announcing ------------------------------------------------------------------
 
     def announce(self, model_id: str, start: int, end: int) -> None:
         """Serve blocks [start, end) of ``model_id`` from now on (published at once)."""
+        if not 0 <= start < end:
+            raise ValueError(f"block span [{start}, {end}) is empty or negative")
         self.spans[model_id] = (start, end)
         self._changed.set()
 
@@ -103,42 +166,75 @@ class Discovery:
         self.spans.pop(model_id, None)
         self._changed.set()
 
+    def announce_blob(self, sha256: str) -> None:
+        """Hold the weight file with this content hash (hex) from now on."""
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ValueError(f"{sha256!r} is not a lowercase hex sha256")
+        self.blobs.add(sha256)
+        self._changed.set()
+
+    def withdraw_blob(self, sha256: str) -> None:
+        self.blobs.discard(sha256)
+        self._changed.set()
+
     async def publish(self) -> None:
-        dht = self._require_dht()
-        self._seq += 1
+        """Store our record, then our provider records (so that whoever finds us as a
+        provider finds the record too)."""
+        now = self.clock()
         record = sign_record(
             self.key_pair,
             swarm=self.swarm,
-            seq=self._seq,
-            expires=self.clock() + 2 * self.config.refresh_interval,
+            seq=int(now * 1000),  # grows across restarts, unlike a counter
+            expires=now + 2 * self.config.refresh_interval,
             spans=self.spans,
+            blobs=tuple(sorted(self.blobs)),
             addrs=tuple(self.host.advertised_addrs()),
         )
-        key = dht_value_key(server_key(self.swarm, record.peer_id))
+        self._records[self.peer_id] = (record, now)
+        await self._put(dht_value_key(server_key(self.swarm, self.peer_id)), record.encode())
+        keys = [
+            block_key(self.swarm, model_id, block)
+            for model_id, (start, end) in self.spans.items()
+            for block in range(start, end)
+        ]
+        keys += [blob_key(self.swarm, sha256) for sha256 in self.blobs]
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(dht.put_value, key, record.encode())
-            for model_id, (start, end) in self.spans.items():
-                for block in range(start, end):
-                    logical = block_key(self.swarm, model_id, block)
-                    nursery.start_soon(dht.provide, dht_provider_key(logical))
+            for logical in keys:
+                nursery.start_soon(self._provide, bytes.fromhex(dht_provider_key(logical)))
+
+    async def _put(self, key: str, value: bytes) -> None:
+        dht = self._require_dht()
+        raw_key = key.encode()
+        if dht.mode is DHTMode.SERVER:
+            dht.value_store.put(raw_key, value)
+        closest = await self._closest(raw_key)
+        libp2p = self.host.libp2p
+        async with trio.open_nursery() as nursery:
+            for peer in closest[: self.config.replication]:
+                nursery.start_soon(self._request, kad.put_value, libp2p, peer, raw_key, value)
+
+    async def _provide(self, key: bytes) -> None:
+        dht = self._require_dht()
+        if dht.mode is DHTMode.SERVER:
+            me = PeerInfo(self.host.libp2p.get_id(), self.host.libp2p.get_addrs())
+            dht.provider_store.add_provider(key, me)
+        closest = await self._closest(key)
+        libp2p = self.host.libp2p
+        async with trio.open_nursery() as nursery:
+            for peer in closest[: self.config.replication]:
+                nursery.start_soon(self._request, kad.add_provider, libp2p, peer, key)
 
     # ---- looking up ------------------------------------------------------------------
 
     async def find_servers(self, model_id: str, block: int) -> list[ServerRecord]:
-        """Live servers of one block, by their signed records."""
-        dht = self._require_dht()
-        with trio.move_on_after(self.config.lookup_timeout):
-            logical = block_key(self.swarm, model_id, block)
-            providers = await dht.find_providers(dht_provider_key(logical))
-            found: list[ServerRecord] = []
-            # py-libp2p returns a provider once per peer that told it about the provider.
-            unique = {str(info.peer_id): info.peer_id for info in providers}
-            async with trio.open_nursery() as nursery:
-                for peer in unique.values():
-                    nursery.start_soon(self._collect, peer, found)
-            return sorted((r for r in found if r.serves(model_id, block)), key=lambda r: r.peer_id)
-        log.warning("lookup of %s block %d timed out", model_id, block)
-        return []
+        """Live servers of one block, by their signed records, ordered by peer id."""
+        return await self._find(
+            block_key(self.swarm, model_id, block), lambda r: r.serves(model_id, block)
+        )
+
+    async def find_blob(self, sha256: str) -> list[ServerRecord]:
+        """Live holders of the weight file with this content hash."""
+        return await self._find(blob_key(self.swarm, sha256), lambda r: sha256 in r.blobs)
 
     async def model_view(self, model_id: str, num_blocks: int) -> list[list[str]]:
         """For each block, the peer ids of its live servers."""
@@ -152,45 +248,171 @@ class Discovery:
                 nursery.start_soon(one, block)
         return view
 
-    async def _collect(self, peer: ID, found: list[ServerRecord]) -> None:
-        record = await self.server_record(str(peer))
-        if record is not None:
-            found.append(record)
+    async def _find(
+        self, logical: str, covers: Callable[[ServerRecord], bool]
+    ) -> list[ServerRecord]:
+        """Providers of ``logical`` whose live record ``covers`` it."""
+        with trio.move_on_after(self.config.lookup_timeout):
+            providers = await self._find_providers(bytes.fromhex(dht_provider_key(logical)))
+            found: list[ServerRecord] = []
 
-    async def server_record(self, peer_id: str) -> ServerRecord | None:
-        """A peer's current record: from our cache while it is unexpired, else the DHT."""
+            async def collect(peer_id: str) -> None:
+                record = await self.server_record(peer_id, needs=covers)
+                if record is not None and covers(record):
+                    found.append(record)
+
+            async with trio.open_nursery() as nursery:
+                for peer_id in providers:
+                    nursery.start_soon(collect, peer_id)
+            return sorted(found, key=lambda r: r.peer_id)
+        log.warning("lookup of %s timed out after %.1fs", logical, self.config.lookup_timeout)
+        return []
+
+    async def _find_providers(self, key: bytes) -> set[str]:
+        dht = self._require_dht()
+        providers = {str(info.peer_id) for info in dht.provider_store.get_providers(key)}
+
+        async def ask(peer: ID) -> list[ID]:
+            found, closer = await kad.get_providers(self.host.libp2p, peer, key)
+            providers.update(str(info.peer_id) for info in found)
+            return closer
+
+        await self._walk(key, ask)
+        return providers
+
+    async def server_record(
+        self, peer_id: str, needs: Callable[[ServerRecord], bool] | None = None
+    ) -> ServerRecord | None:
+        """A peer's current record: cached while unexpired and younger than a refresh
+        period, else from the DHT. A cached record that fails ``needs`` (it does not list
+        what the peer was just found a provider of) counts as stale: the peer has
+        announced more since."""
         now = self.clock()
         cached = self._records.get(peer_id)
-        if cached is not None and cached.expires > now:
-            return cached
-        dht = self._require_dht()
+        if cached is not None:
+            record, fetched = cached
+            fresh = record.expires > now and now - fetched < self.config.refresh_interval
+            if fresh and (needs is None or needs(record)):
+                return record
+        if self._absent.get(peer_id, 0.0) > now:
+            return None
         key = dht_value_key(server_key(self.swarm, peer_id))
-        # py-libp2p answers from its local store first, expired or not: drop a stale copy
-        # so that the lookup goes to the network for the refreshed record.
-        dht.value_store.remove(key.encode())
-        raw = await dht.get_value(key)
-        if raw is None:
+        raw_key = key.encode()
+        values: list[bytes] = []
+        dht = self._require_dht()
+        local = dht.value_store.get(raw_key)
+        if local is not None:
+            values.append(local.value)
+
+        async def ask(peer: ID) -> list[ID]:
+            value, closer = await kad.get_value(self.host.libp2p, peer, raw_key)
+            if value is not None:
+                values.append(value)
+            return closer
+
+        await self._walk(raw_key, ask)
+        now = self.clock()
+        best: ServerRecord | None = None
+        for value in values:
+            try:
+                candidate = validate(key, value, now)
+            except InvalidRecord as exc:
+                log.info("ignoring server record: %s", exc)
+                continue
+            if best is None or candidate.seq > best.seq:
+                best = candidate
+        if best is None:
+            self._absent[peer_id] = now + self.config.absent_ttl
+            self._records.pop(peer_id, None)
             return None
-        try:
-            record = validate(key, raw, now)
-        except InvalidRecord as exc:
-            log.info("ignoring server record: %s", exc)
+        self._absent.pop(peer_id, None)
+        self._records[peer_id] = (best, now)
+        return best
+
+    # ---- the walk --------------------------------------------------------------------
+
+    async def _walk(self, key: bytes, ask: Callable[[ID], Awaitable[list[ID]]]) -> _Walk:
+        """Kademlia's iterative lookup toward ``key``: keep ``alpha`` requests in flight
+        to the closest peers not yet asked, learn the closer peers they name, stop when
+        the ``alpha`` closest that answered are closer than anyone not yet asked."""
+        dht = self._require_dht()
+        me = self.host.libp2p.get_id()
+        walk = _Walk(
+            key=key,
+            alpha=self.config.alpha,
+            known=sort_peer_ids_by_distance(key, dht.routing_table.get_peer_ids()),
+        )
+        progress = trio.Event()
+        in_flight = 0
+
+        async def one(peer: ID) -> None:
+            nonlocal progress, in_flight
+            closer = await self._request(ask, peer)
+            if closer is None:
+                walk.failed.add(peer)
+            else:
+                walk.answered.add(peer)
+                walk.learn([p for p in closer if p != me])
+            in_flight -= 1
+            progress.set()
+
+        async with trio.open_nursery() as nursery:
+            while not walk.done():
+                for peer in walk.next_peers(self.config.alpha - in_flight):
+                    walk.asked.add(peer)
+                    in_flight += 1
+                    nursery.start_soon(one, peer)
+                if in_flight == 0:
+                    break
+                await progress.wait()
+                progress = trio.Event()
+            nursery.cancel_scope.cancel()
+        return walk
+
+    async def _closest(self, key: bytes) -> list[ID]:
+        """The live peers closest to ``key`` that a walk finds (where records go)."""
+
+        async def ask(peer: ID) -> list[ID]:
+            return await kad.find_node(self.host.libp2p, peer, key)
+
+        return (await self._walk(key, ask)).live()
+
+    async def _request(
+        self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T | None:
+        """One request, bounded by ``request_timeout`` and ``max_requests``; None on
+        failure (the walk then asks the next closest peer)."""
+        async with self._requests:
+            with trio.move_on_after(self.config.request_timeout):
+                try:
+                    return await fn(*args, **kwargs)
+                except kad.RequestFailed as exc:
+                    log.debug("%s", exc)
+                    return None
+            log.debug("DHT request %s timed out", getattr(fn, "__name__", fn))
             return None
-        self._records[peer_id] = record
-        return record
 
     # ---- service ---------------------------------------------------------------------
 
     def _mode(self) -> DHTMode:
         return DHTMode.CLIENT if self.host.reachability is Reachability.PRIVATE else DHTMode.SERVER
 
-    def _require_dht(self) -> KadDHT:
+    def _require_dht(self) -> kad.KadNode:
         if self.dht is None:
             raise RuntimeError("Discovery.run() has not started")
         return self.dht
 
+    def status(self) -> dict[str, object]:
+        dht = self.dht
+        return {
+            "mode": "off" if dht is None else dht.mode.name.lower(),
+            "routing_table": 0 if dht is None else dht.routing_table.size(),
+            "spans": {m: list(s) for m, s in sorted(self.spans.items())},
+            "blobs": sorted(self.blobs),
+        }
+
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        dht = KadDHT(self.host.libp2p, self._mode(), enable_random_walk=False)
+        dht = kad.KadNode(self.host.libp2p, self._mode())
         dht.register_validator(NAMESPACE, _RecordValidator(self.clock))
         async with background_trio_service(dht):
             self.dht = dht
@@ -199,7 +421,7 @@ class Discovery:
                 nursery.start_soon(self._refresh)
                 task_status.started()
 
-    async def _track_peers(self, dht: KadDHT) -> None:
+    async def _track_peers(self, dht: kad.KadNode) -> None:
         """Keep the routing table in step with our connections and the DHT mode."""
         known: set[str] = set()
         while True:
@@ -207,21 +429,26 @@ class Discovery:
             if dht.mode != mode:
                 log.info("DHT switches to %s mode", mode.name.lower())
                 await dht.switch_mode(mode)
-            for link in self.host.links():
-                if link.peer_id not in known:
-                    known.add(link.peer_id)
-                    await dht.add_peer(ID.from_base58(link.peer_id))
-            known &= {link.peer_id for link in self.host.links()}
+            links = {link.peer_id for link in self.host.links()}
+            for peer_id in links - known:
+                if await dht.add_peer(ID.from_base58(peer_id)):
+                    known.add(peer_id)
+            known &= links
+            dht.drop_clients()
             await trio.sleep(0.2)
 
     async def _refresh(self) -> None:
+        """Publish every ``refresh_interval`` from the start of the last round (not its
+        end: a slow round must not let the record, valid for two periods, lapse), and at
+        once when the announcements change."""
         while True:
             # Reset before publishing: an announce() during the publish wakes the next round.
             self._changed = trio.Event()
-            if self.spans:
+            deadline = trio.current_time() + self.config.refresh_interval
+            if self.spans or self.blobs:
                 try:
                     await self.publish()
                 except Exception:  # the next round retries; one bad round must not stop it
                     log.exception("announcing to the DHT failed")
-            with trio.move_on_after(self.config.refresh_interval):
+            with trio.move_on_at(deadline):
                 await self._changed.wait()

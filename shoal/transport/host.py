@@ -68,6 +68,29 @@ _libp2p_swarm._HAPPY_EYEBALLS_DELAY = 0.0
 # the constant at every write; smaller frames are always valid for the peer.
 _libp2p_yamux.MAX_MESSAGE_SIZE = _NOISE_MAX_PLAINTEXT
 
+# Workaround 8: a dial cancelled while its connection is being upgraded or registered
+# (a lookup's timeout, a host closing) leaks the TCP socket: py-libp2p's cleanup awaits
+# ``close()`` in the cancelled scope, the await raises Cancelled before the socket is
+# closed, and nothing else holds the connection. Close the raw connection shielded.
+_upgrade_outbound = _libp2p_swarm.Swarm.upgrade_outbound_raw_conn
+
+
+async def _upgrade_outbound_closing_on_failure(  # type: ignore[no-untyped-def]
+    self, raw_conn, peer_id, pre_scope=None
+):
+    try:
+        return await _upgrade_outbound(self, raw_conn, peer_id, pre_scope)
+    except BaseException:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            try:
+                await raw_conn.close()
+            except Exception:
+                log.debug("closing a failed dial's connection failed", exc_info=True)
+        raise
+
+
+_libp2p_swarm.Swarm.upgrade_outbound_raw_conn = _upgrade_outbound_closing_on_failure
+
 
 class Reachability(StrEnum):
     """Whether other peers can open a fresh connection to this node."""

@@ -329,6 +329,11 @@ class Discovery:
         self._records[peer_id] = (best, now)
         return best
 
+    def server_record_cached(self, peer_id: str) -> ServerRecord | None:
+        """The record a lookup last found for ``peer_id``, if any (no network)."""
+        cached = self._records.get(peer_id)
+        return None if cached is None else cached[0]
+
     # ---- the walk --------------------------------------------------------------------
 
     async def _walk(self, key: bytes, ask: Callable[[ID], Awaitable[list[ID]]]) -> _Walk:
@@ -389,7 +394,7 @@ class Discovery:
                 except kad.RequestFailed as exc:
                     log.debug("%s", exc)
                     return None
-            log.debug("DHT request %s timed out", getattr(fn, "__name__", fn))
+            log.debug("DHT request %s%s timed out", getattr(fn, "__name__", fn), args)
             return None
 
     # ---- service ---------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The daemon's HTTP API: a starlette app served by hypercorn's trio worker.
 
-Routes now: GET /v1/health, GET /v1/status, GET /v1/swarm, POST /v1/ping. Later issues add the
-OpenAI-compatible routes, the swarm view and the status page to the same app.
+Routes now: GET /v1/health, GET /v1/status, GET /v1/swarm, POST /v1/ping, and the DHT's
+GET /v1/dht/servers?model=M&blocks=N, GET /v1/dht/blob/<sha256>, POST /v1/dht/announce.
+Later issues add the OpenAI-compatible routes and the status page to the same app.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Most blocks a DHT coverage query may ask about (one lookup each).
+MAX_BLOCKS = 1024
+
 
 class NodeView(Protocol):
     """What the API needs from the running node."""
@@ -39,6 +43,12 @@ class NodeView(Protocol):
     def swarm(self) -> dict[str, Any]: ...
 
     async def ping(self, peer: str, size: int, seed: int) -> dict[str, Any]: ...
+
+    async def dht_servers(self, model_id: str, num_blocks: int) -> dict[str, Any]: ...
+
+    async def dht_blob(self, sha256: str) -> dict[str, Any]: ...
+
+    def dht_announce(self, body: dict[str, Any]) -> dict[str, Any]: ...
 
 
 def error(status: int, code: str, message: str) -> JSONResponse:
@@ -72,8 +82,36 @@ def build_api(node: NodeView) -> Starlette:
         except Error as exc:
             return error(502, "peer_failed", str(exc))
 
+    async def dht_servers(request: Request) -> JSONResponse:
+        model = request.query_params.get("model", "")
+        blocks = request.query_params.get("blocks", "")
+        if not model or not blocks.isdigit() or not 1 <= int(blocks) <= MAX_BLOCKS:
+            return error(400, "bad_request", f"expected ?model=M&blocks=N, 1 <= N <= {MAX_BLOCKS}")
+        return JSONResponse(await node.dht_servers(model, int(blocks)))
+
+    async def dht_blob(request: Request) -> JSONResponse:
+        sha256 = request.path_params["sha256"]
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            return error(400, "bad_request", "expected a lowercase hex sha256")
+        return JSONResponse(await node.dht_blob(sha256))
+
+    async def dht_announce(request: Request) -> JSONResponse:
+        try:
+            body = json.loads(await request.body())
+        except ValueError as exc:
+            return error(400, "bad_json", f"request body is not JSON: {exc}")
+        if not isinstance(body, dict):
+            return error(400, "bad_request", "expected a JSON object")
+        try:
+            return JSONResponse(node.dht_announce(body))
+        except Error as exc:
+            return error(400, "bad_request", str(exc))
+
     return Starlette(
         routes=[
+            Route("/v1/dht/servers", dht_servers),
+            Route("/v1/dht/blob/{sha256}", dht_blob),
+            Route("/v1/dht/announce", dht_announce, methods=["POST"]),
             Route("/v1/health", health),
             Route("/v1/status", status),
             Route("/v1/swarm", swarm),

@@ -57,6 +57,9 @@ def node(
     offline_after: Annotated[
         float | None, typer.Option(help="seconds of silence before a peer shows offline (30)")
     ] = None,
+    dht_refresh: Annotated[
+        float | None, typer.Option(help="seconds between DHT re-announcements (30)")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
 ) -> None:
     """Run a node daemon and join a swarm."""
@@ -73,6 +76,7 @@ def node(
                 "swarm_key": swarm_key,
                 "api": api,
                 "offline_after": offline_after,
+                "dht_refresh": dht_refresh,
                 "log_level": log_level,
             },
         )

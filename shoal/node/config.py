@@ -44,6 +44,8 @@ class NodeConfig:
     api: HOST:PORT for the HTTP API, or None to run without it.
     target_peers: connections the node keeps to other peers.
     offline_after: seconds of silence after which a peer is shown offline.
+    dht_refresh: seconds between DHT re-announcements; a dead server's records lapse
+        after twice that.
     log_level: debug, info, warning or error.
     """
 
@@ -57,6 +59,7 @@ class NodeConfig:
     api: str | None = DEFAULT_API
     target_peers: int = 16
     offline_after: float = 30.0
+    dht_refresh: float = 30.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -78,6 +81,8 @@ class NodeConfig:
             raise ConfigError("target_peers must be at least 1")
         if not 1.0 <= self.offline_after <= 3600.0:
             raise ConfigError("offline_after must be between 1 and 3600 seconds")
+        if not 1.0 <= self.dht_refresh <= 3600.0:
+            raise ConfigError("dht_refresh must be between 1 and 3600 seconds")
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
@@ -139,6 +144,7 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> NodeConfig:
             raise ConfigError(f"{name}: expected a string ({types[name]})")
     if "target_peers" in coerced and not isinstance(coerced["target_peers"], int):
         raise ConfigError("target_peers: expected an integer")
-    if "offline_after" in coerced and not isinstance(coerced["offline_after"], int | float):
-        raise ConfigError("offline_after: expected a number of seconds")
+    for name in ("offline_after", "dht_refresh"):
+        if name in coerced and not isinstance(coerced[name], int | float):
+            raise ConfigError(f"{name}: expected a number of seconds")
     return NodeConfig(**coerced)

@@ -1,7 +1,8 @@
 """The node daemon: one trio nursery for every service of one node.
 
 ``run_node(config)`` loads the identity, opens the libp2p host, starts peering (bootstrap
-and peer exchange), NAT traversal, the diagnostic ping and the HTTP API, and runs until
+and peer exchange), NAT traversal, state sync, DHT discovery, the diagnostic ping and the
+HTTP API, and runs until
 cancelled. On the way out it persists the known peers and removes its runtime file; the
 host is closed by ``open_host`` on every path.
 """
@@ -21,6 +22,8 @@ import trio
 from libp2p.peer.id import ID
 
 from shoal import __version__
+from shoal.dht.discovery import Discovery, DiscoveryConfig
+from shoal.dht.records import ServerRecord
 from shoal.node.api import build_api, serve_api
 from shoal.node.config import NodeConfig
 from shoal.node.errors import NodeError
@@ -54,6 +57,7 @@ class Node:
     peering: Peering
     sync: StateSync
     nat: NatService
+    discovery: Discovery
     api_url: str | None = None
 
     def status(self) -> dict[str, Any]:
@@ -67,6 +71,7 @@ class Node:
             "listen_addrs": self.host.listen_addrs(),
             "reachability": self.host.reachability.value,
             "api": self.api_url,
+            "dht": self.discovery.status(),
             "peers": [
                 {"peer_id": link.peer_id, "addrs": list(link.addrs), "relayed": link.relayed}
                 for link in self.host.links()
@@ -92,6 +97,7 @@ class Node:
         return {
             "swarm": self.config.swarm,
             "state_digest": state.digest(),
+            "rejected_updates": self.sync.rejected,
             "peers": [entry.to_json() for entry in entries],
             "models": {
                 model_id: {
@@ -111,6 +117,45 @@ class Node:
             "device": local_device(),
         }
 
+    async def dht_servers(self, model_id: str, num_blocks: int) -> dict[str, Any]:
+        """Which live servers the DHT lists for each block of a model, and their records."""
+        view = await self.discovery.model_view(model_id, num_blocks)
+        records = {
+            peer: self.discovery.server_record_cached(peer) for peer in {p for b in view for p in b}
+        }
+        return {
+            "model": model_id,
+            "blocks": view,
+            "servers": {peer: _record_json(r) for peer, r in records.items() if r is not None},
+        }
+
+    async def dht_blob(self, sha256: str) -> dict[str, Any]:
+        holders = await self.discovery.find_blob(sha256)
+        return {"sha256": sha256, "holders": {r.peer_id: _record_json(r) for r in holders}}
+
+    def dht_announce(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Announce (or with ``withdraw``, stop announcing) a span or a blob."""
+        withdraw = bool(body.get("withdraw", False))
+        if isinstance(body.get("blob"), str):
+            try:
+                if withdraw:
+                    self.discovery.withdraw_blob(body["blob"])
+                else:
+                    self.discovery.announce_blob(body["blob"])
+            except ValueError as exc:
+                raise NodeError(str(exc)) from exc
+        elif isinstance(body.get("model"), str):
+            if withdraw:
+                self.discovery.withdraw(body["model"])
+            else:
+                start, end = body.get("start"), body.get("end")
+                if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
+                    raise NodeError("start and end must be integers with 0 <= start < end")
+                self.discovery.announce(body["model"], start, end)
+        else:
+            raise NodeError('expected {"model": M, "start": A, "end": B} or {"blob": SHA256}')
+        return self.discovery.status()
+
     async def ping(self, peer: str, size: int, seed: int) -> dict[str, Any]:
         try:
             peer_id = ID.from_base58(peer)
@@ -128,6 +173,16 @@ class Node:
             "echoed_sha256": result.echoed_sha256,
             "intact": result.intact,
         }
+
+
+def _record_json(record: ServerRecord) -> dict[str, Any]:
+    return {
+        "spans": {m: list(s) for m, s in sorted(record.spans.items())},
+        "blobs": list(record.blobs),
+        "addrs": list(record.addrs),
+        "expires": record.expires,
+        "seq": record.seq,
+    }
 
 
 def _load_peers(path: Path, table: PeerTable) -> None:
@@ -167,13 +222,17 @@ async def run_node(
         )
         sync = StateSync(host, state, saved, SyncConfig(offline_after=config.offline_after))
         nat = NatService(host, relay_hop=config.relay)
-        node = Node(config, host, peering, sync, nat)
+        discovery = Discovery(
+            host, config.swarm, key_pair, DiscoveryConfig(refresh_interval=config.dht_refresh)
+        )
+        node = Node(config, host, peering, sync, nat, discovery)
         try:
             async with trio.open_nursery() as nursery:
                 serve_ping(host)
                 await nursery.start(peering.run)
                 await nursery.start(nat.run)
                 await nursery.start(sync.run)
+                await nursery.start(discovery.run)
                 nursery.start_soon(_publish_roster, node)
                 if config.api is not None:
                     node.api_url = await nursery.start(serve_api, build_api(node), config.api)

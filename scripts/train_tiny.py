@@ -43,7 +43,7 @@ CONFIG = ModelConfig(
     head_dim=32,
     rms_norm_eps=1e-5,
     rope_theta=10000.0,
-    max_position_embeddings=1024,
+    max_position_embeddings=256,  # the training context
     tie_word_embeddings=True,
     bos_token_id=BOS,
     eos_token_ids=(EOS,),
@@ -245,6 +245,7 @@ def write_card() -> None:
         run=run,
         minutes=run["seconds"] / 60,
         tokens_m=run["steps"] * run["batch"] * run["seq"] / 1e6,
+        corpus_bytes=DATA.stat().st_size,
         passes=run["steps"] * run["batch"] * run["seq"] / (DATA.stat().st_size * 0.9),
         train_loss=last["loss"],
         bpb={k: v / math.log(2) for k, v in losses.items()},
@@ -267,7 +268,8 @@ CARD = """# shoal-tiny
 A byte-level Llama-architecture model, built into shoal as the default model: small enough
 to ship inside the package ({size_mb:.1f} MB of bf16 safetensors), deep enough
 ({c.num_layers} blocks) to split across nodes. It writes text shaped like Shakespeare's plays.
-It is a test and demo model, not a useful language model.
+It is a test and demo model, not a useful language model. Its context is 256 bytes (the
+training window); `shoal generate` continues past that by re-reading the last 128 bytes.
 
 ## Architecture
 
@@ -282,11 +284,11 @@ loads them as fp32 unless asked otherwise.
 ## Training
 
 `scripts/train_tiny.py` (shoal's own model code, plain torch, AdamW), on
-tinyshakespeare.txt (1,115,394 bytes); the **last 10 % is held out** and never trained on.
+tinyshakespeare.txt ({corpus_bytes:,} bytes); the **last 10 % is held out** and never trained on.
 {run[steps]} steps of {run[batch]} random windows of {run[seq]} bytes ({tokens_m:.1f} M bytes seen,
 {passes:.1f} passes over the training text), learning rate
 {run[lr]:g} with {run[warmup]} warmup steps and cosine decay to 10 %, betas (0.9, 0.95), weight
-decay 0.1, gradient clipping at 1.0, seed {run[seed]}, {run[threads]} CPU threads. Wall time
+decay 0.1, gradient clipping at 1.0, seed {run[seed]}, {run[threads]} CPU thread(s). Wall time
 {minutes:.1f} minutes on a 2 vCPU Xeon VM under `nice -n 19` (shared with other work).
 Last training-batch loss: {train_loss:.3f} nats/byte.
 
@@ -342,6 +344,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if not DATA.is_file():
+        parser.error(f"{DATA} is missing: the corpus lives in ../shared/data beside the repo")
     if not args.card_only:
         train(args)
     write_card()

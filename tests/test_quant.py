@@ -73,6 +73,8 @@ def test_quantize_linears_replaces_nested_layers() -> None:
     model = nn.Sequential(_linear(), nn.Sequential(nn.Linear(48, 64), nn.Linear(64, 32)))
     quantize_linears(model, "int8")
     assert isinstance(model[0], Int8Linear) and isinstance(model[1][1], Int8Linear)
+    odd = Int4Linear.from_linear(nn.Linear(64, 40))  # the packing op needs 16 | out_features
+    assert not odd.fast and odd(torch.ones(1, 64)).shape == (1, 40)
     with pytest.raises(QuantizationError, match="divisible by the group size"):
         Int4Linear.from_linear(nn.Linear(40, 8))
     with pytest.raises(QuantizationError, match="unknown format 'int3'"):

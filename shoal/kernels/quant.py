@@ -150,7 +150,8 @@ class Int4Linear(_QuantizedLinear):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
-        self.fast = _HAS_INT4_MM and q.device.type == "cpu"
+        # the packing op needs out_features divisible by 16 (a byte vocabulary of 258 is not)
+        self.fast = _HAS_INT4_MM and q.device.type == "cpu" and self.out_features % 16 == 0
         # reference layout: two codes per byte, low nibble first
         self.register_buffer("codes", (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8))
         self.register_buffer("scales", scales.float())

@@ -320,9 +320,12 @@ def generate(
         stop_ids=tokenizer.eos_ids,
         stats=stats,
     )
-    for token in tokens:
-        sys.stdout.write(stream.push(token))
-        sys.stdout.flush()
+    try:
+        for token in tokens:
+            sys.stdout.write(stream.push(token))
+            sys.stdout.flush()
+    except Error as exc:
+        _fail(str(exc), 2)
     sys.stdout.write("\n")
     err.print(
         f"{stats.new_tokens} tokens; prompt {stats.prompt_tokens} tokens at "

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shoal.kernels.sampling import Sampler, SamplingParams
+from shoal.pipeline.errors import PipelineError
 from shoal.pipeline.model import DecoderSpan
 
 
@@ -45,7 +46,10 @@ def generate(
 ) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` new token ids for ``prompt`` (a full model, batch 1).
 
-    Stops after yielding a token in ``stop_ids``.
+    Stops after yielding a token in ``stop_ids``. When the cache reaches the model's
+    context (``max_position_embeddings``), generation goes on from a fresh cache holding
+    the most recent half of the tokens (a context shift): positions past the trained
+    context would give garbage.
     """
     if not prompt:
         raise ValueError("the prompt has no tokens")
@@ -55,6 +59,11 @@ def generate(
     cache = model.new_cache(batch=1)
     history = torch.tensor([prompt], dtype=torch.long, device=model.device)
     started = time.perf_counter()
+    context = model.config.max_position_embeddings
+    if len(prompt) > context:
+        raise PipelineError(
+            f"the prompt has {len(prompt)} tokens, more than the model's context of {context}"
+        )
     hidden = model.blocks_forward(model.embed(history), cache)
     logits = model.head(hidden[:, -1:])[:, -1]  # the prompt's other positions need no logits
     for i in range(max_new_tokens):
@@ -71,4 +80,10 @@ def generate(
         if token_id in stop_ids or i == max_new_tokens - 1:
             return
         history = torch.cat((history, token.view(1, 1)), dim=1)
-        logits = model(token.view(1, 1), cache)[:, -1]
+        if cache.length < context:
+            logits = model(token.view(1, 1), cache)[:, -1]
+        else:  # context full: restart from position 0 with the most recent half
+            cache = model.new_cache(batch=1)
+            logits = model.head(
+                model.blocks_forward(model.embed(history[:, -(context // 2) :]), cache)
+            )[:, -1]

@@ -86,18 +86,23 @@ def bench_transformers(
 
 
 def peak_rss(directory: Path, span: str) -> float:
-    """Peak RSS (MiB) of a fresh process loading a span and touching its weights, over import."""
+    """Peak RSS (MiB) of a fresh process loading a span and touching its weights, over import.
+
+    Reads VmHWM, which starts afresh with the new process image (ru_maxrss would carry this
+    process's peak across exec).
+    """
     code = (
-        "import resource, sys, torch; from shoal.pipeline.loading import load_span, open_checkpoint;"
+        "import re, torch; from shoal.pipeline.loading import load_span, open_checkpoint;"
         "from shoal.pipeline.model import Span;"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]);"
+        "before = hwm();"
         f"ck = open_checkpoint({str(directory)!r}); L = ck.config.num_layers;"
         f"span = {{'full': Span(start=0, end=L, embed=True, head=True), 'blocks': Span(start=0, end=L),"
         f" 'half': Span(start=0, end=L // 2)}}[{span!r}];"
         "m = load_span(ck, span);"
         # the weights are mmapped: touch every byte, as the first forward pass would
         "sum(float(t.float().sum()) for t in m.state_dict().values());"
-        "print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print(before, hwm())"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT

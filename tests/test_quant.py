@@ -46,16 +46,16 @@ def test_packed_kernel_matches_reference(
 ) -> None:
     layer = kind.from_linear(_linear().to(dtype))
     assert layer.fast, "torch 2.4+ on CPU has the packed kernels"
-    # decode-sized inputs take the packed kernel, with bf16 activations
-    x = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(3)).to(dtype)
-    expected = layer.reference(x.float()).to(dtype)
-    rel = (layer(x).float() - expected.float()).norm() / expected.float().norm()
-    assert float(rel) < 5e-3
-    layer.fast = False  # the plain path, as on platforms without the kernels
-    assert torch.equal(layer(x), layer.reference(x))
-    layer.fast = True
-    big = torch.randn(40, 128, generator=torch.Generator().manual_seed(4)).to(dtype)
-    assert torch.equal(layer(big), layer.reference(big))  # prefill-sized: dequantize + matmul
+    gen = torch.Generator().manual_seed(3)
+    # 6 rows take the packed kernel, 40 rows dequantize + matmul; both in bf16 on this CPU
+    for x in (torch.randn(2, 3, 128, generator=gen), torch.randn(40, 128, generator=gen)):
+        x = x.to(dtype)
+        expected = layer.reference(x.float())
+        rel = (layer(x).float() - expected).norm() / expected.norm()
+        assert float(rel) < 1e-2  # bf16 rounding, far below the quantization error itself
+        layer.fast = False  # the plain path, as on platforms without the kernels
+        assert torch.equal(layer(x), layer.reference(x))
+        layer.fast = True
 
 
 @torch.no_grad()

@@ -6,13 +6,14 @@ zero`` with ``q`` in [0, 15] (the layout of torch's ``_weight_int4pack_mm_for_cp
 
 Each layer runs torch's packed kernel (``_weight_int8pack_mm``,
 ``_weight_int4pack_mm_for_cpu``) for decode-sized inputs (at most ``PACKED_MAX_ROWS`` rows)
-when the platform has it, and a plain dequantize-then-matmul otherwise; the plain path is
-also the reference the tests compare against. The packed kernels get bf16 activations:
-their fp32 variants are scalar code on CPU (measured on the benchmark box, 768x2048, one
-thread: int8 0.094 ms with bf16 activations, 1.09 ms with fp32; an fp32 matmul 0.21 ms),
-so an fp32 model casts the activations to bf16 for these calls and the result back. Their
-cost grows with the row count, so prefill dequantizes the weight and multiplies in the
-model's dtype instead (int8 prefill: 3.6 ms for 128 rows, packed bf16 6.0 ms).
+when the platform has it, and dequantize + matmul otherwise; the plain fp32 path is also
+the reference the tests compare against. Compute is bf16 on CPUs where oneDNN runs bf16
+natively (AVX512-BF16, AMX), for both paths: the packed kernels' fp32 variants are scalar
+code (768x2048, one thread on the benchmark box: int8 0.094 ms with bf16 activations,
+1.09 ms with fp32; an fp32 matmul 0.21 ms), and their cost grows with the row count, so
+prefill dequantizes to bf16 and multiplies there (128 rows: 1.4 ms, against 2.7 ms for
+the fp32 layer and 6.0 ms for the packed kernel). Activations are cast to bf16 for these
+calls and the result back to the model's dtype.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ QUANT_FORMATS = ("int8", "int4")
 INT4_GROUP_SIZE = 32
 PACKED_MAX_ROWS = 16
 _PACKED_DTYPE = torch.bfloat16
+# oneDNN runs bf16 matmuls natively (AVX512-BF16 / AMX) rather than emulating them
+_BF16_MATMUL = torch.backends.mkldnn.is_available() and bool(
+    torch.ops.mkldnn._is_mkldnn_bf16_supported()
+)
 _HAS_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
 _HAS_INT4_MM = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(
     torch, "_convert_weight_to_int4pack_for_cpu"
@@ -62,11 +67,16 @@ def quantize_int4(
 
 
 def dequantize_int4(
-    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     out_features, in_features = q.shape
-    groups = q.reshape(out_features, -1, group_size).float()
-    return ((groups - 8) * scales[..., None] + zeros[..., None]).reshape(out_features, in_features)
+    groups = q.reshape(out_features, -1, group_size).to(dtype)
+    offset = (zeros - 8 * scales).to(dtype)[..., None]  # (q - 8) * s + z == q * s + (z - 8 s)
+    return (groups * scales.to(dtype)[..., None] + offset).reshape(out_features, in_features)
 
 
 class _QuantizedLinear(nn.Module):
@@ -84,8 +94,8 @@ class _QuantizedLinear(nn.Module):
         """``[rows, in]`` bf16 -> ``[rows, out]`` with torch's packed kernel."""
         raise NotImplementedError
 
-    def dequantized(self) -> torch.Tensor:
-        """The fp32 weight ``[out, in]`` the codes stand for."""
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight ``[out, in]`` the codes stand for."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +103,9 @@ class _QuantizedLinear(nn.Module):
         if self.fast and rows <= PACKED_MAX_ROWS:
             y = self.packed_mm(x.reshape(rows, self.in_features).to(_PACKED_DTYPE))
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        elif self.fast and _BF16_MATMUL:
+            w = self.dequantized(_PACKED_DTYPE)
+            y = (x.to(_PACKED_DTYPE) @ w.T).to(x.dtype)
         else:
             y = self.reference(x, with_bias=False)
         return y if self.bias is None else y + self.bias
@@ -126,8 +139,10 @@ class Int8Linear(_QuantizedLinear):
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(x, self.weight_int8, self.packed_scales)
 
-    def dequantized(self) -> torch.Tensor:
-        return dequantize_int8(self.weight_int8, self.scales)
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if dtype == torch.float32:
+            return dequantize_int8(self.weight_int8, self.scales)
+        return self.weight_int8.to(dtype) * self.scales.to(dtype)[:, None]
 
 
 class Int4Linear(_QuantizedLinear):
@@ -170,8 +185,8 @@ class Int4Linear(_QuantizedLinear):
         return cls(q, scales, zeros, bias, group_size)
 
     def unpacked(self) -> torch.Tensor:
-        codes = self.codes.to(torch.int32)
-        q = torch.stack((codes & 0xF, codes >> 4), dim=-1)
+        """The codes, one uint8 per weight."""
+        q = torch.stack((self.codes & 0xF, self.codes >> 4), dim=-1)
         return q.reshape(self.out_features, self.in_features)
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,8 +194,8 @@ class Int4Linear(_QuantizedLinear):
             x, self.packed, self.group_size, self.scales_and_zeros
         )
 
-    def dequantized(self) -> torch.Tensor:
-        return dequantize_int4(self.unpacked(), self.scales, self.zeros, self.group_size)
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int4(self.unpacked(), self.scales, self.zeros, self.group_size, dtype)
 
 
 def quantize_linears(module: nn.Module, fmt: str) -> nn.Module:

@@ -165,3 +165,33 @@ def test_swarm_view_converges_and_survives_restart(tmp_path: Path, daemons: list
     known = {p["peer_id"] for p in swarm(b)["peers"]}
     assert known == everyone
     assert b.peers() == set()
+
+
+def test_dht_routes_reject_bad_input_and_announce(tmp_path: Path, daemons: list[Daemon]) -> None:
+    node = Daemon(tmp_path / "a").start()
+    daemons.append(node)
+
+    def announce(body: dict) -> httpx.Response:
+        return httpx.post(f"{node.api}/v1/dht/announce", json=body, timeout=10)
+
+    for body, message in (
+        ({"model": "m", "start": 3, "end": 1}, "block span [3, 1) is empty or negative"),
+        ({"model": "m", "start": "0", "end": 1}, "start and end must be integers"),
+        ({"blob": "XYZ"}, "'XYZ' is not a lowercase hex sha256"),
+        ({}, 'expected {"model"'),
+    ):
+        response = announce(body)
+        assert response.status_code == 400
+        assert response.json()["error"]["message"].startswith(message)
+    assert httpx.get(f"{node.api}/v1/dht/blob/XYZ", timeout=10).status_code == 400
+    blob = hashlib.sha256(b"w").hexdigest()
+    assert announce({"model": "m", "start": 0, "end": 2}).json()["spans"] == {"m": [0, 2]}
+    assert announce({"blob": blob}).json()["blobs"] == [blob]
+    holders = wait_for(
+        lambda: httpx.get(f"{node.api}/v1/dht/blob/{blob}", timeout=10).json()["holders"],
+        10,
+        "blob published",
+        node,
+    )
+    assert list(holders) == [node.peer_id]
+    assert holders[node.peer_id]["spans"] == {"m": [0, 2]}

@@ -42,6 +42,7 @@ from shoal.dht.records import (
     block_key,
     dht_provider_key,
     dht_value_key,
+    is_sha256_hex,
     server_key,
     sign_record,
     validate,
@@ -168,7 +169,7 @@ class Discovery:
 
     def announce_blob(self, sha256: str) -> None:
         """Hold the weight file with this content hash (hex) from now on."""
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        if not is_sha256_hex(sha256):
             raise ValueError(f"{sha256!r} is not a lowercase hex sha256")
         self.blobs.add(sha256)
         self._changed.set()
@@ -207,22 +208,24 @@ class Discovery:
         raw_key = key.encode()
         if dht.mode is DHTMode.SERVER:
             dht.value_store.put(raw_key, value)
-        closest = await self._closest(raw_key)
-        libp2p = self.host.libp2p
-        async with trio.open_nursery() as nursery:
-            for peer in closest[: self.config.replication]:
-                nursery.start_soon(self._request, kad.put_value, libp2p, peer, raw_key, value)
+        await self._store_at_closest(raw_key, kad.put_value, value)
 
     async def _provide(self, key: bytes) -> None:
         dht = self._require_dht()
         if dht.mode is DHTMode.SERVER:
             me = PeerInfo(self.host.libp2p.get_id(), self.host.libp2p.get_addrs())
             dht.provider_store.add_provider(key, me)
+        await self._store_at_closest(key, kad.add_provider)
+
+    async def _store_at_closest(
+        self, key: bytes, store: Callable[..., Awaitable[None]], *args: bytes
+    ) -> None:
+        """Send ``store(host, peer, key, *args)`` to the ``replication`` closest live peers."""
         closest = await self._closest(key)
         libp2p = self.host.libp2p
         async with trio.open_nursery() as nursery:
             for peer in closest[: self.config.replication]:
-                nursery.start_soon(self._request, kad.add_provider, libp2p, peer, key)
+                nursery.start_soon(self._request, store, libp2p, peer, key, *args)
 
     # ---- looking up ------------------------------------------------------------------
 

@@ -12,7 +12,8 @@ handler and its record and provider stores, and replaces two things:
   node that announces a few blocks while others look them up goes past 12 in bursts, and
   the resets surface on the other side as "failed to open a stream" and lookups that run
   out their timeout (what broke the first 10-node experiment, docs/state.md). ``KadNode``
-  queues an inbound stream for a slot (up to ``QUEUE_WAIT``) and has more slots.
+  queues an inbound stream for a slot and has more slots; ``QUEUE_WAIT`` bounds the wait
+  and the handling together.
 - The client side: py-libp2p's ``find_providers`` answers from its local store whenever
   that holds anything (so a new server of a block is never seen by a node that looked the
   block up before), and its ``get_value`` asks every candidate it learns of. The request
@@ -40,7 +41,8 @@ from multiaddr import Multiaddr
 
 from shoal.dht.errors import DhtError
 
-#: Seconds an inbound stream may wait for a handler slot before it is reset.
+#: Seconds an inbound stream may take, waiting for a handler slot and being served,
+#: before it is reset.
 QUEUE_WAIT = 5.0
 INBOUND_SLOTS = 64
 #: ADD_PROVIDER messages accepted per peer per 10 s (py-libp2p: 10).

@@ -44,6 +44,11 @@ def blob_key(swarm: str, sha256: str) -> str:
     return f"/{NAMESPACE}/{swarm}/blob/{sha256}"
 
 
+def is_sha256_hex(text: str) -> bool:
+    """Whether ``text`` is a sha256 digest as lowercase hex (how blob keys name files)."""
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
 def server_key(swarm: str, peer_id: str) -> str:
     return f"/{NAMESPACE}/{swarm}/server/{peer_id}"
 

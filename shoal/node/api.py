@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from shoal import __version__
+from shoal.dht.records import is_sha256_hex
 from shoal.errors import Error
 from shoal.node.config import parse_bind
 from shoal.transport.ping import MAX_PING_BYTES
@@ -91,7 +92,7 @@ def build_api(node: NodeView) -> Starlette:
 
     async def dht_blob(request: Request) -> JSONResponse:
         sha256 = request.path_params["sha256"]
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        if not is_sha256_hex(sha256):
             return error(400, "bad_request", "expected a lowercase hex sha256")
         return JSONResponse(await node.dht_blob(sha256))
 

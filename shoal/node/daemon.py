@@ -136,24 +136,25 @@ class Node:
     def dht_announce(self, body: dict[str, Any]) -> dict[str, Any]:
         """Announce (or with ``withdraw``, stop announcing) a span or a blob."""
         withdraw = bool(body.get("withdraw", False))
-        if isinstance(body.get("blob"), str):
-            try:
+        blob, model = body.get("blob"), body.get("model")
+        try:
+            if isinstance(blob, str):
                 if withdraw:
-                    self.discovery.withdraw_blob(body["blob"])
+                    self.discovery.withdraw_blob(blob)
                 else:
-                    self.discovery.announce_blob(body["blob"])
-            except ValueError as exc:
-                raise NodeError(str(exc)) from exc
-        elif isinstance(body.get("model"), str):
-            if withdraw:
-                self.discovery.withdraw(body["model"])
+                    self.discovery.announce_blob(blob)
+            elif isinstance(model, str):
+                if withdraw:
+                    self.discovery.withdraw(model)
+                else:
+                    start, end = body.get("start"), body.get("end")
+                    if not (isinstance(start, int) and isinstance(end, int)):
+                        raise NodeError("start and end must be integers, with 0 <= start < end")
+                    self.discovery.announce(model, start, end)
             else:
-                start, end = body.get("start"), body.get("end")
-                if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
-                    raise NodeError("start and end must be integers with 0 <= start < end")
-                self.discovery.announce(body["model"], start, end)
-        else:
-            raise NodeError('expected {"model": M, "start": A, "end": B} or {"blob": SHA256}')
+                raise NodeError('expected {"model": M, "start": A, "end": B} or {"blob": SHA256}')
+        except ValueError as exc:  # Discovery's own checks: span and hash
+            raise NodeError(str(exc)) from exc
         return self.discovery.status()
 
     async def ping(self, peer: str, size: int, seed: int) -> dict[str, Any]:

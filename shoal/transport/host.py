@@ -16,12 +16,22 @@ design/libp2p-notes.md applied here:
 7. gossipsub runs with its spam limit off and a 1 s heartbeat (bugs 6, 7), and lives
    inside the host: connections are closed while pubsub still runs, because py-libp2p's
    pubsub handlers run in the connections' tasks and fail ("nursery is closed") when a
-   message arrives after the pubsub service stopped.
+   message arrives after the pubsub service stopped;
+8. a dial cancelled mid-upgrade closes its TCP socket (py-libp2p leaked it);
+9. yamux credits a stream's window in batches (``PY_YAMUX_RELEASE_ON_READ=0``, go-yamux's
+   rule) instead of one WINDOW_UPDATE frame per read: gossipsub reads a varint a byte at a
+   time, so every received message cost the sender's side several frames (idle daemons
+   used 10 % of a core each, 6.5 % with this; bulk throughput unchanged,
+   docs/benchmarks.md).
+
+The host also carries shoal's two call paths: ``rpc`` (a stream per call) and
+``channels`` (calls multiplexed on one long-lived stream per peer and protocol).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -49,6 +59,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
+from shoal.transport.channel import Channels
 from shoal.transport.circuit import dial_circuit, is_circuit_addr
 from shoal.transport.errors import DialError
 from shoal.transport.logs import route_libp2p_logs
@@ -90,6 +101,10 @@ async def _upgrade_outbound_closing_on_failure(  # type: ignore[no-untyped-def]
 
 
 _libp2p_swarm.Swarm.upgrade_outbound_raw_conn = _upgrade_outbound_closing_on_failure
+
+# Workaround 9: py-libp2p's yamux sends a WINDOW_UPDATE after every read by default
+# (``RELEASE_ON_READ``); it reads this variable at each read. An operator's own setting wins.
+os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 
 class Reachability(StrEnum):
@@ -135,6 +150,7 @@ class Host:
     libp2p: IHost
     config: HostConfig
     rpc: Rpc
+    channels: Channels
     pubsub: Pubsub
     reachability: Reachability = Reachability.UNKNOWN
     # Addresses through relays that this node advertises while it is not reachable.
@@ -346,14 +362,25 @@ async def open_host(config: HostConfig) -> AsyncIterator[Host]:
     pubsub = Pubsub(libp2p_host, router)
     async with libp2p_host.run(listen):
         try:
-            async with background_trio_service(pubsub), background_trio_service(router):
+            async with (
+                background_trio_service(pubsub),
+                background_trio_service(router),
+                trio.open_nursery() as channel_tasks,
+            ):
                 await pubsub.wait_until_ready()
-                host = Host(libp2p=libp2p_host, config=config, rpc=Rpc(libp2p_host), pubsub=pubsub)
+                host = Host(
+                    libp2p=libp2p_host,
+                    config=config,
+                    rpc=Rpc(libp2p_host),
+                    channels=Channels(libp2p_host, channel_tasks),
+                    pubsub=pubsub,
+                )
                 log.info("listening on %s", ", ".join(host.listen_addrs()))
                 try:
                     yield host
                 finally:
                     await close_host(libp2p_host)  # while pubsub still runs (workaround 7)
+                    channel_tasks.cancel_scope.cancel()
         finally:
             await close_host(libp2p_host)  # idempotent; covers a failed pubsub start
 

@@ -127,7 +127,8 @@ class FramedStream:
                 log.debug("resetting stream to %s failed", self.peer, exc_info=True)
 
 
-def _message(frame: Frame) -> Message:
+def frame_message(frame: Frame) -> Message:
+    """The message a ``call``/``ok``/``item`` frame carries."""
     body = frame.header.get("b", {})
     if not isinstance(body, dict):
         raise FrameError("message body must be a map")
@@ -193,7 +194,7 @@ class Rpc:
                         return
                     if frame.type != "call":
                         raise FrameError(f"expected a 'call' frame, got {frame.type!r}")
-                    await respond(framed, _message(frame))
+                    await respond(framed, frame_message(frame))
             except FrameTooLarge as exc:
                 log.warning("rejected frame from %s on %s: %s", peer, proto.id, exc)
                 await self._try_error(framed, "too_large", str(exc))
@@ -232,7 +233,7 @@ class Rpc:
             frame = await self._receive_reply(framed, peer, proto)
             if frame.type != "ok":
                 raise RemoteError(str(peer), "bad_frame", f"expected 'ok', got {frame.type!r}")
-            return _message(frame)
+            return frame_message(frame)
 
     @asynccontextmanager
     async def open_stream_call(
@@ -248,7 +249,7 @@ class Rpc:
                         return
                     if frame.type != "item":
                         raise RemoteError(str(peer), "bad_frame", f"unexpected {frame.type!r}")
-                    yield _message(frame)
+                    yield frame_message(frame)
 
             yield replies()
 
@@ -265,7 +266,7 @@ class Rpc:
         try:
             stream = await self.host.new_stream(peer, [proto.id])
         except Exception as exc:
-            raise _open_failure(peer, proto, exc) from exc
+            raise open_failure(peer, proto.id, exc) from exc
         framed = FramedStream(stream, max_payload=proto.max_response)
         ok = False
         try:
@@ -302,12 +303,13 @@ class Rpc:
         return frame
 
 
-def _open_failure(peer: ID, proto: Protocol, exc: Exception) -> RemoteError:
+def open_failure(peer: ID, proto_id: str, exc: Exception) -> RemoteError:
+    """The typed error for a stream that could not be opened."""
     text = f"{exc!r} {exc.__cause__!r}"
     if "ProtocolNotSupported" in text or "protocol not supported" in text.lower():
         return RemoteError(
             str(peer),
             "unsupported_protocol",
-            f"the peer does not speak {proto.id}; it may run an incompatible shoal version",
+            f"the peer does not speak {proto_id}; it may run an incompatible shoal version",
         )
-    return RemoteError(str(peer), "unreachable", f"cannot open {proto.id}: {exc}")
+    return RemoteError(str(peer), "unreachable", f"cannot open {proto_id}: {exc}")

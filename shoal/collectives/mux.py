@@ -1,0 +1,116 @@
+"""Several collective operations in flight on one peer, told apart by their tag.
+
+:class:`Collectives` routes each incoming message to the operation its header names
+(``o``, the tag). A message for a tag this peer has not started yet (a fast peer began
+the next fragment first) is held in a bounded buffer and replayed on :meth:`start`;
+beyond the buffer's limits it is refused. The same event API as one operation, so a
+driver (the in-memory network, a libp2p driver) feeds one object per peer.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+from shoal.collectives import wire
+from shoal.collectives.allreduce import AllReduceResult, Send
+from shoal.collectives.errors import CollectiveError, MessageTooLarge, OperationFailed, Rejected
+
+MAX_EARLY_MESSAGES = 1024
+MAX_EARLY_BYTES = 64 << 20
+
+
+class Operation(Protocol):
+    me: str
+    result: AllReduceResult | None
+    error: OperationFailed | None
+    rejections: list[Rejected]
+
+    @property
+    def finished(self) -> bool: ...
+
+    def receive(self, sender: str, data: bytes | memoryview) -> list[Send]: ...
+
+    def peer_failed(self, peer: str) -> list[Send]: ...
+
+    def deadline(self) -> list[Send]: ...
+
+
+class Collectives:
+    """All of one peer's operations, by tag."""
+
+    def __init__(
+        self,
+        me: str,
+        *,
+        max_early_messages: int = MAX_EARLY_MESSAGES,
+        max_early_bytes: int = MAX_EARLY_BYTES,
+    ) -> None:
+        self.me = me
+        self.ops: dict[str, Operation] = {}
+        self.rejections: list[Rejected] = []
+        self._early: deque[tuple[str, str, bytes]] = deque()
+        self._early_bytes = 0
+        self._failed: set[str] = set()
+        self.max_early_messages = max_early_messages
+        self.max_early_bytes = max_early_bytes
+
+    @property
+    def finished(self) -> bool:
+        return all(op.finished for op in self.ops.values())
+
+    def start(self, tag: str, op: Operation) -> list[Send]:
+        """Register operation ``tag`` (then call its ``contribute``) and replay what
+        arrived for it early, and the failures already known."""
+        if tag in self.ops:
+            raise CollectiveError(f"operation {tag!r} is already running")
+        if op.me != self.me:
+            raise CollectiveError(f"operation {tag!r} belongs to {op.me}, not {self.me}")
+        self.ops[tag] = op
+        out: list[Send] = []
+        for peer in sorted(self._failed):
+            out += op.peer_failed(peer)
+        kept: deque[tuple[str, str, bytes]] = deque()
+        for early_tag, sender, data in self._early:
+            if early_tag == tag:
+                self._early_bytes -= len(data)
+                out += op.receive(sender, data)
+            else:
+                kept.append((early_tag, sender, data))
+        self._early = kept
+        return out
+
+    def receive(self, sender: str, data: bytes | memoryview) -> list[Send]:
+        try:
+            tag = str(wire.header_of(sender, data)["o"])
+        except Rejected as exc:
+            self.rejections.append(exc)
+            return []
+        op = self.ops.get(tag)
+        if op is not None:
+            return op.receive(sender, data)
+        if (
+            len(self._early) >= self.max_early_messages
+            or self._early_bytes + len(data) > self.max_early_bytes
+        ):
+            self.rejections.append(
+                MessageTooLarge(sender, len(data), self.max_early_bytes - self._early_bytes)
+            )
+            return []
+        self._early.append((tag, sender, bytes(data)))
+        self._early_bytes += len(data)
+        return []
+
+    def peer_failed(self, peer: str) -> list[Send]:
+        self._failed.add(peer)
+        out: list[Send] = []
+        for op in self.ops.values():
+            out += op.peer_failed(peer)
+        return out
+
+    def deadline(self) -> list[Send]:
+        out: list[Send] = []
+        for op in self.ops.values():
+            if not op.finished:
+                out += op.deadline()
+        return out

@@ -215,7 +215,7 @@ def test_seeded_scheduler_is_deterministic_and_safe(seed: int) -> None:
     assert outcomes[0] == outcomes[1]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(3, 6),
     codec=st.sampled_from(["fp32", "fp16", "int8"]),
@@ -238,8 +238,9 @@ def test_any_fault_schedule_never_yields_different_results(
     ops, net, stats = run(view, xs, faults, seed=seed)
     contributors = check_safety(view, xs, ops, net.alive)
     dead = set(view.peers) - net.alive
-    if len(dead) <= 1:
-        # at most one failure: everyone alive completes
+    if len(dead) <= 1 and sum(b > 0 for b in bw) >= 2:
+        # at most one failure, and every chunk has a backup: everyone alive completes
+        # (with one owner-capable member, its death is a typed abort, checked above)
         assert all(ops[p].result is not None for p in net.alive), {
             p: ops[p].error for p in net.alive
         }

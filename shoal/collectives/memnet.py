@@ -131,11 +131,15 @@ class MemoryNetwork:
 
     # ------------------------------------------------------------------ running
 
-    def run(self) -> Stats:
+    def run(self, *, deadlines: bool = True) -> Stats:
+        """Deliver until nothing is in flight; then, with ``deadlines``, give unfinished
+        peers deadlines until every live peer has finished."""
         while True:
             while self._step():
                 if self.stats.steps > self.max_steps:
                     raise Stuck(f"more than {self.max_steps} deliveries")
+            if not deadlines:
+                return self.stats
             unfinished = sorted(p for p in self.alive if not self.endpoints[p].finished)
             if not unfinished:
                 return self.stats

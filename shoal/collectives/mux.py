@@ -59,6 +59,11 @@ class Collectives:
     def finished(self) -> bool:
         return all(op.finished for op in self.ops.values())
 
+    @property
+    def held(self) -> int:
+        """Messages held for operations not started yet."""
+        return len(self._early)
+
     def start(self, tag: str, op: Operation) -> list[Send]:
         """Register operation ``tag`` (then call its ``contribute``) and replay what
         arrived for it early, and the failures already known."""

@@ -1,0 +1,69 @@
+"""Compressed all-reduce: the owner applies the dequantized value, so every peer holds the
+same bytes, equal to the documented reduction; the error against the exact average stays
+within the stated bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_collectives_support import contributions, exact_average, group, reference, run, sha
+
+from shoal.collectives.codec import error_bound, payload_nbytes
+from shoal.collectives.memnet import Fault
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8"])
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_lossy_codecs_identical_bytes_and_within_stated_bound(codec: str, n: int) -> None:
+    view = group(n, (9, 130), codec=codec)  # 1170 elements: a partial last int8 block
+    xs = contributions(view, seed=n, scale=3.0)
+    # make block maxima very different, so a wrong per-block bound would show
+    xs[view.peers[0]][0, :64] *= 100
+    ops, _, _ = run(view, xs)
+    ref = reference(view, xs, view.peers)
+    exact = exact_average(view, xs, view.peers).reshape(-1)
+    bound = error_bound([xs[p] for p in view.peers], codec, view.block).double()
+    digests = set()
+    for op in ops.values():
+        assert op.result is not None
+        assert torch.equal(op.result.tensor, ref)  # the owner's dequantized value, everywhere
+        digests.add(op.result.digest)
+        err = (op.result.tensor.reshape(-1).double() - exact).abs()
+        assert bool((err <= bound).all()), float((err - bound).max())
+    assert len(digests) == 1
+    # the codec is really lossy here (the test would not notice a silent fp32 path)
+    assert not torch.equal(ref, reference(group(n, (9, 130)), xs, view.peers))
+
+
+def test_int8_bound_is_per_block() -> None:
+    view = group(3, (256,), codec="int8")
+    xs = contributions(view, seed=1)
+    xs[view.peers[2]][:64] *= 100
+    bound = error_bound([xs[p] for p in view.peers], "int8", view.block)
+    block_max = torch.stack(list(xs.values())).abs().amax(dim=0).view(4, 64).amax(dim=1)
+    assert torch.allclose(bound.view(4, 64), (block_max / 127)[:, None].expand(4, 64), rtol=2e-4)
+    assert float(bound[:64].min()) > 50 * float(bound[64:].max())
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8"])
+def test_lossy_codec_with_owner_killed_mid_reduce_scatter(codec: str) -> None:
+    view = group(4, (3, 200), codec=codec)
+    xs = contributions(view, seed=7)
+    owner = view.owner(1, view.peers)
+    assert owner is not None
+    ops, net, _ = run(view, xs, [Fault(owner, 0, "before", kind="REPL")])
+    survivors = sorted(net.alive)
+    results = [ops[p].result for p in survivors]
+    assert all(r is not None for r in results)
+    assert {r.digest for r in results if r} == {sha(reference(view, xs, survivors))}
+
+
+def test_compressed_contributions_are_smaller_on_the_wire() -> None:
+    sizes = {}
+    for codec in ("fp32", "fp16", "int8"):
+        view = group(4, (64, 64), codec=codec)
+        _, _, stats = run(view, contributions(view))
+        sizes[codec] = sum(stats.bytes_sent.values())
+    assert sizes["fp16"] < 0.6 * sizes["fp32"]
+    assert sizes["int8"] < 0.35 * sizes["fp32"]
+    assert payload_nbytes("int8", 4096, 64) == 4096 + 4 * 64

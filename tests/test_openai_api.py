@@ -26,6 +26,7 @@ from shoal.kernels.sampling import SamplingParams
 from shoal.node.backend import (
     Busy,
     GenerationBackend,
+    GenerationFailed,
     GenerationRequest,
     LocalBackend,
     MaxTokensTooLarge,
@@ -334,6 +335,8 @@ def test_chat_greedy_equals_pipeline_generation(
 
 
 TEMPLATE = (
+    "{% if messages[0]['role'] == 'assistant' %}"
+    "{{ raise_exception('the first message must come from the user') }}{% endif %}"
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"
 )
@@ -357,8 +360,13 @@ def test_chat_uses_the_model_chat_template(weights: DecoderSpan, tokenizer: Text
         out = c.chat.completions.create(
             model=MODEL, messages=messages, max_tokens=24, temperature=0
         )
+        with pytest.raises(openai.BadRequestError) as err:
+            c.chat.completions.create(
+                model=MODEL, messages=[{"role": "assistant", "content": "Hark."}], max_tokens=4
+            )
     assert token_ids(tokenizer, out.choices[0].message.content or "") == expected
     assert out.usage is not None and out.usage.prompt_tokens == len(templated.encode(rendered))
+    assert err.value.param == "messages" and "the first message must come from" in err.value.message
 
 
 # --- bad input -----------------------------------------------------------------------------
@@ -487,7 +495,8 @@ def test_api_key_is_required_when_set(weights: DecoderSpan, tokenizer: TextToken
         for headers in ({}, {"authorization": "Basic abc"}, {"authorization": "Bearer"}):
             response = httpx.post(f"{base}/v1/completions", json=body, headers=headers)
             assert response.status_code == 401
-            assert response.json()["error"]["code"] == "invalid_api_key"
+            error = response.json()["error"]
+            assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
             assert response.headers["www-authenticate"] == "Bearer"
         assert httpx.get(f"{base}/v1/models").status_code == 401
         with openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0) as wrong:
@@ -499,6 +508,88 @@ def test_api_key_is_required_when_set(weights: DecoderSpan, tokenizer: TextToken
         with openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0) as right:
             assert [m.id for m in right.models.list().data] == [MODEL]
             assert_good_request(right, weights, tokenizer)
+
+
+class Failing:
+    """A backend over a LocalBackend whose generations break after ``after`` pieces."""
+
+    def __init__(self, inner: LocalBackend, after: int) -> None:
+        self.inner, self.after = inner, after
+
+    def models(self) -> Sequence[ModelInfo]:
+        return self.inner.models()
+
+    def model(self, model_id: str) -> ModelInfo:
+        return self.inner.model(model_id)
+
+    def tokenizer(self, model_id: str) -> TextTokenizer:
+        return self.inner.tokenizer(model_id)
+
+    @asynccontextmanager
+    async def _open(self, request: GenerationRequest) -> AsyncIterator[AsyncIterator[Piece]]:
+        async with self.inner.open_generation(request) as pieces:
+            yield self._pieces(pieces)
+
+    def open_generation(
+        self, request: GenerationRequest
+    ) -> AbstractAsyncContextManager[AsyncIterator[Piece]]:
+        return self._open(request)
+
+    def _pieces(self, pieces: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
+        after = self.after
+
+        class Breaking:
+            count = 0
+
+            def __aiter__(self) -> Breaking:
+                return self
+
+            async def __anext__(self) -> Piece:
+                if self.count == after:
+                    raise GenerationFailed(MODEL, "the server of blocks 3:6 reset the stream")
+                self.count += 1
+                return await pieces.__anext__()
+
+        return Breaking()
+
+
+def test_generation_limit_and_failures(weights: DecoderSpan, tokenizer: TextTokenizer) -> None:
+    backend = Failing(LocalBackend(MODEL, weights, tokenizer, max_new_tokens=20), after=3)
+    with (
+        serving(backend) as base,
+        openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0) as c,
+    ):
+        assert (c.models.list().data[0].model_extra or {})["max_new_tokens"] == 20
+        with pytest.raises(openai.BadRequestError) as err:
+            c.completions.create(model=MODEL, prompt="x", max_tokens=21)
+        assert (err.value.param, err.value.code) == ("max_tokens", "max_tokens_exceeded")
+        # a failure before the status line: 502; after it: an error event, no [DONE]
+        with pytest.raises(openai.APIStatusError) as failed:
+            c.completions.create(model=MODEL, prompt="x", max_tokens=10, temperature=0)
+        assert failed.value.status_code == 502
+        assert failed.value.code == "generation_failed"
+        assert "blocks 3:6" in failed.value.message
+        got: list[str] = []
+        with pytest.raises(openai.APIError) as broken:
+            for chunk in c.completions.create(
+                model=MODEL, prompt=PROMPTS[0], max_tokens=10, temperature=0, stream=True
+            ):
+                got.append(chunk.choices[0].text)
+        assert "blocks 3:6" in broken.value.message
+        expected = reference(weights, tokenizer, PROMPTS[0], 3)
+        assert "".join(got) == tokenizer.decode(expected)  # the 3 pieces before the failure
+        events = (
+            httpx.post(
+                f"{base}/v1/completions",
+                json={"model": MODEL, "prompt": "x", "max_tokens": 10, "stream": True},
+            )
+            .text.strip()
+            .split("\n\n")
+        )
+        assert json.loads(events[-1].removeprefix("data: "))["error"]["code"] == (
+            "generation_failed"
+        )
+        assert "data: [DONE]" not in events
 
 
 # --- busy, disconnects, concurrency --------------------------------------------------------

@@ -29,8 +29,8 @@ from typing import Any, Literal
 
 import trio
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -66,7 +66,7 @@ MAX_MESSAGES = 2048
 #: OpenAI's default max_tokens for /v1/completions.
 DEFAULT_COMPLETION_TOKENS = 16
 
-ErrorType = Literal["invalid_request_error", "authentication_error", "server_error"]
+ErrorType = Literal["invalid_request_error", "server_error"]
 
 
 class ApiError(NodeError):
@@ -546,7 +546,6 @@ def _authorize(request: Request, api_key: str | None) -> None:
         raise ApiError(
             401,
             "no API key: send the header 'Authorization: Bearer <key>'",
-            type="authentication_error",
             code="invalid_api_key",
             headers=challenge,
         )
@@ -554,7 +553,6 @@ def _authorize(request: Request, api_key: str | None) -> None:
         raise ApiError(
             401,
             "incorrect API key",
-            type="authentication_error",
             code="invalid_api_key",
             headers=challenge,
         )
@@ -591,6 +589,11 @@ def openai_routes(
                 return api_error(
                     exc, prompt_param=prompt_param, max_tokens_param="max_tokens"
                 ).response()
+            except ClientDisconnect:
+                return Response(status_code=400)  # nobody is left to read it
+            except Exception:
+                log.exception("%s %s failed", request.method, request.url.path)
+                return ApiError(500, "internal error", type="server_error").response()
 
         return endpoint
 

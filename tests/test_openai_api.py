@@ -467,6 +467,7 @@ def test_bad_chat_requests_get_openai_errors(
         (b'["model", "prompt"]', 400),  # JSON, not an object
         (b"[" * 100_000 + b"]" * 100_000, 400),  # nesting past the recursion limit
         (b'{"model": "shoal-tiny", "prompt": "x", "temperature": NaN}', 400),
+        (b'{"model": "shoal-tiny", "prompt": "\\ud800"}', 400),  # a lone surrogate
         (b" " * (2**20 + 1), 413),  # over the body limit
     ],
 )

@@ -258,7 +258,7 @@ class LocalBackend:
     At most ``max_sessions`` generations hold a KV cache at once; their token steps take
     turns on one compute thread (``trio.to_thread.run_sync``), so the event loop keeps
     serving. Up to ``max_waiting`` more requests wait at most ``max_wait`` seconds for a
-    slot; past either, :class:`Busy`.
+    slot; past either, :class:`Busy`. Its locks are trio's: use it from one trio run.
     """
 
     def __init__(

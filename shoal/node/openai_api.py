@@ -218,7 +218,7 @@ class _Sampling:
 _SAMPLING_FIELDS = frozenset(
     {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options"}
 )
-# fields accepted only at their neutral value: n, penalties, logit_bias (see _refuse_extras)
+# fields accepted only at their neutral value (see _only)
 _NEUTRAL_FIELDS = frozenset({"n", "presence_penalty", "frequency_penalty", "logit_bias"})
 # accepted and ignored: they change nothing about the output
 _IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})
@@ -533,6 +533,10 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
         raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    try:  # JSON escapes can spell lone surrogates, which no tokenizer can encode
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request body holds a lone surrogate (invalid Unicode)") from None
     return data
 
 

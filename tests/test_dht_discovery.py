@@ -13,10 +13,12 @@ import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
-from shoal.dht import kad
+from shoal.dht import kad, query
 from shoal.dht.discovery import Discovery, DiscoveryConfig
 from shoal.dht.records import dht_value_key, server_key, sign_record
+from shoal.transport.errors import RemoteError
 from shoal.transport.host import Host, HostConfig, Reachability, open_host
+from shoal.transport.rpc import Message
 from tests.conftest import LOOPBACK
 
 # Known leak, not yet fixed: a host closed while a Kademlia dial toward it is in flight
@@ -182,3 +184,33 @@ async def test_forged_and_malformed_records_are_refused_on_store_and_ignored_on_
         record = await eventually(lambda: c.server_record(a.peer_id), 10)
         assert record.spans == {"tiny": (0, 2)}
         assert mallory.peer_id not in [r.peer_id for r in await c.find_servers("tiny", 0)]
+
+
+async def test_bad_dht_queries_get_typed_errors_and_the_node_keeps_answering() -> None:
+    async with AsyncExitStack() as stack:
+        peers = [await stack.enter_async_context(open_peer()) for _ in range(2)]
+        await mesh(peers)
+        (host_a, a), (host_b, b) = peers
+        b.announce("tiny", 0, 1)
+        await eventually(lambda: a.find_servers("tiny", 0), 10)
+        bad = [
+            {"op": "find", "keys": "not a list"},
+            {"op": "find", "keys": []},
+            {"op": "find", "keys": [b"k"] * (query.MAX_KEYS + 1)},
+            {"op": "find", "keys": [b"x" * (query.MAX_KEY_BYTES + 1)]},
+            {"op": "provide", "keys": [b"k"], "addrs": [b"\xff\xff not a multiaddr"]},
+            {"op": "provide", "keys": [b"k"], "addrs": "nope"},
+            {"op": "delete", "keys": [b"k"]},
+        ]
+        for body in bad:
+            with pytest.raises(RemoteError) as refused:
+                await host_a.channels.call(host_b.peer_id, query.DHT_QUERY, Message(body))
+            assert refused.value.code == "bad_request", body
+        # A provide stores the *caller* (authenticated by the connection), whatever it says.
+        key = b"\x12" * 32
+        await query.provide(host_a, host_b.peer_id, [key])
+        stored = b.dht.provider_store.get_providers(key)  # type: ignore[union-attr]
+        assert [str(info.peer_id) for info in stored] == [a.peer_id]
+        found = await query.find(host_a, host_b.peer_id, [key], values=False)
+        assert [str(p) for p in found[0].providers] == [a.peer_id]
+        assert [r.peer_id for r in await a.find_servers("tiny", 0)] == [b.peer_id]

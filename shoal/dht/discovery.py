@@ -33,7 +33,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
-from shoal.dht import kad
+from shoal.dht import kad, query
 from shoal.dht.errors import InvalidRecord
 from shoal.dht.records import (
     NAMESPACE,
@@ -104,14 +104,18 @@ class _Walk:
     asked: set[ID] = field(default_factory=set)
     answered: set[ID] = field(default_factory=set)
     failed: set[ID] = field(default_factory=set)
+    in_flight: int = 0
+    providers: set[str] = field(default_factory=set)
+    values: list[bytes] = field(default_factory=list)
 
     def learn(self, peers: list[ID]) -> None:
         fresh = [p for p in peers if p not in self.known]
         if fresh:
             self.known = sort_peer_ids_by_distance(self.key, self.known + fresh)
 
-    def live(self) -> list[ID]:
-        return [p for p in self.known if p not in self.failed]
+    def closest(self, count: int) -> list[ID]:
+        """The ``count`` closest peers not known to have failed (where records go)."""
+        return [p for p in self.known if p not in self.failed][:count]
 
     def done(self) -> bool:
         """The ``alpha`` closest peers that answered are closer than every peer not yet
@@ -125,7 +129,7 @@ class _Walk:
                     return True
             elif peer not in self.asked:
                 return False
-        return not self.next_peers(1)
+        return self.in_flight == 0 and not self.next_peers(1)
 
     def next_peers(self, count: int) -> list[ID]:
         return [p for p in self.known if p not in self.asked][:count]
@@ -180,7 +184,7 @@ class Discovery:
 
     async def publish(self) -> None:
         """Store our record, then our provider records (so that whoever finds us as a
-        provider finds the record too)."""
+        provider finds the record too). One batched walk finds where every key goes."""
         now = self.clock()
         record = sign_record(
             self.key_pair,
@@ -192,145 +196,142 @@ class Discovery:
             addrs=tuple(self.host.advertised_addrs()),
         )
         self._records[self.peer_id] = (record, now)
-        await self._put(dht_value_key(server_key(self.swarm, self.peer_id)), record.encode())
-        keys = [
+        record_key = dht_value_key(server_key(self.swarm, self.peer_id)).encode()
+        logical = [
             block_key(self.swarm, model_id, block)
             for model_id, (start, end) in self.spans.items()
             for block in range(start, end)
         ]
-        keys += [blob_key(self.swarm, sha256) for sha256 in self.blobs]
-        async with trio.open_nursery() as nursery:
-            for logical in keys:
-                nursery.start_soon(self._provide, bytes.fromhex(dht_provider_key(logical)))
-
-    async def _put(self, key: str, value: bytes) -> None:
-        dht = self._require_dht()
-        raw_key = key.encode()
-        if dht.mode is DHTMode.SERVER:
-            dht.value_store.put(raw_key, value)
-        await self._store_at_closest(raw_key, kad.put_value, value)
-
-    async def _provide(self, key: bytes) -> None:
+        logical += [blob_key(self.swarm, sha256) for sha256 in self.blobs]
+        provider_keys = [bytes.fromhex(dht_provider_key(k)) for k in logical]
         dht = self._require_dht()
         if dht.mode is DHTMode.SERVER:
+            dht.value_store.put(record_key, record.encode())
             me = PeerInfo(self.host.libp2p.get_id(), self.host.libp2p.get_addrs())
-            dht.provider_store.add_provider(key, me)
-        await self._store_at_closest(key, kad.add_provider)
-
-    async def _store_at_closest(
-        self, key: bytes, store: Callable[..., Awaitable[None]], *args: bytes
-    ) -> None:
-        """Send ``store(host, peer, key, *args)`` to the ``replication`` closest live peers."""
-        closest = await self._closest(key)
-        libp2p = self.host.libp2p
+            for key in provider_keys:
+                dht.provider_store.add_provider(key, me)
+        walks = await self._lookup([record_key, *provider_keys], values=False)
+        value = record.encode()
         async with trio.open_nursery() as nursery:
-            for peer in closest[: self.config.replication]:
-                nursery.start_soon(self._request, store, libp2p, peer, key, *args)
+            for peer in walks[record_key].closest(self.config.replication):
+                nursery.start_soon(
+                    self._request, kad.put_value, self.host.libp2p, peer, record_key, value
+                )
+        async with trio.open_nursery() as nursery:
+            for peer, keys in self._by_closest_peer(walks, provider_keys).items():
+                for chunk in _chunks(keys, query.MAX_KEYS):
+                    nursery.start_soon(self._request, query.provide, self.host, peer, chunk)
+
+    def _by_closest_peer(
+        self, walks: dict[bytes, _Walk], keys: list[bytes]
+    ) -> dict[ID, list[bytes]]:
+        """Group ``keys`` by the peers that should store them (the ``replication`` closest)."""
+        grouped: dict[ID, list[bytes]] = {}
+        for key in keys:
+            for peer in walks[key].closest(self.config.replication):
+                grouped.setdefault(peer, []).append(key)
+        return grouped
 
     # ---- looking up ------------------------------------------------------------------
 
     async def find_servers(self, model_id: str, block: int) -> list[ServerRecord]:
         """Live servers of one block, by their signed records, ordered by peer id."""
-        return await self._find(
-            block_key(self.swarm, model_id, block), lambda r: r.serves(model_id, block)
-        )
+        wanted = [(block_key(self.swarm, model_id, block), _serves(model_id, block))]
+        return (await self._find_many(wanted))[0]
 
     async def find_blob(self, sha256: str) -> list[ServerRecord]:
         """Live holders of the weight file with this content hash."""
-        return await self._find(blob_key(self.swarm, sha256), lambda r: sha256 in r.blobs)
+        wanted = [(blob_key(self.swarm, sha256), _holds(sha256))]
+        return (await self._find_many(wanted))[0]
 
     async def model_view(self, model_id: str, num_blocks: int) -> list[list[str]]:
-        """For each block, the peer ids of its live servers."""
-        view: list[list[str]] = [[] for _ in range(num_blocks)]
+        """For each block, the peer ids of its live servers (one batched lookup)."""
+        wanted = [
+            (block_key(self.swarm, model_id, block), _serves(model_id, block))
+            for block in range(num_blocks)
+        ]
+        return [[r.peer_id for r in records] for records in await self._find_many(wanted)]
 
-        async def one(block: int) -> None:
-            view[block] = [r.peer_id for r in await self.find_servers(model_id, block)]
-
-        async with trio.open_nursery() as nursery:
-            for block in range(num_blocks):
-                nursery.start_soon(one, block)
-        return view
-
-    async def _find(
-        self, logical: str, covers: Callable[[ServerRecord], bool]
-    ) -> list[ServerRecord]:
-        """Providers of ``logical`` whose live record ``covers`` it."""
+    async def _find_many(
+        self, wanted: list[tuple[str, Callable[[ServerRecord], bool]]]
+    ) -> list[list[ServerRecord]]:
+        """For each (logical key, covers): the providers of the key whose live record
+        ``covers`` it, ordered by peer id. One walk for all keys, one for the records."""
         with trio.move_on_after(self.config.lookup_timeout):
-            providers = await self._find_providers(bytes.fromhex(dht_provider_key(logical)))
-            found: list[ServerRecord] = []
+            keys = [bytes.fromhex(dht_provider_key(logical)) for logical, _ in wanted]
+            walks = await self._lookup(keys, values=False)
+            covers_of: dict[str, list[Callable[[ServerRecord], bool]]] = {}
+            for key, (_, covers) in zip(keys, wanted, strict=True):
+                for peer_id in walks[key].providers:
+                    covers_of.setdefault(peer_id, []).append(covers)
 
-            async def collect(peer_id: str) -> None:
-                record = await self.server_record(peer_id, needs=covers)
-                if record is not None and covers(record):
-                    found.append(record)
+            def needs(record: ServerRecord) -> bool:
+                return all(covers(record) for covers in covers_of.get(record.peer_id, ()))
 
-            async with trio.open_nursery() as nursery:
-                for peer_id in providers:
-                    nursery.start_soon(collect, peer_id)
-            return sorted(found, key=lambda r: r.peer_id)
-        log.warning("lookup of %s timed out after %.1fs", logical, self.config.lookup_timeout)
-        return []
-
-    async def _find_providers(self, key: bytes) -> set[str]:
-        dht = self._require_dht()
-        providers = {str(info.peer_id) for info in dht.provider_store.get_providers(key)}
-
-        async def ask(peer: ID) -> list[ID]:
-            found, closer = await kad.get_providers(self.host.libp2p, peer, key)
-            providers.update(str(info.peer_id) for info in found)
-            return closer
-
-        await self._walk(key, ask)
-        return providers
+            records = await self.server_records(sorted(covers_of), needs=needs)
+            return [
+                sorted(
+                    (
+                        records[p]
+                        for p in walks[key].providers
+                        if p in records and covers(records[p])
+                    ),
+                    key=lambda r: r.peer_id,
+                )
+                for key, (_, covers) in zip(keys, wanted, strict=True)
+            ]
+        log.warning("lookup of %s timed out after %.1fs", wanted[0][0], self.config.lookup_timeout)
+        return [[] for _ in wanted]
 
     async def server_record(
         self, peer_id: str, needs: Callable[[ServerRecord], bool] | None = None
     ) -> ServerRecord | None:
-        """A peer's current record: cached while unexpired and younger than a refresh
-        period, else from the DHT. A cached record that fails ``needs`` (it does not list
-        what the peer was just found a provider of) counts as stale: the peer has
-        announced more since."""
-        now = self.clock()
-        cached = self._records.get(peer_id)
-        if cached is not None:
-            record, fetched = cached
-            fresh = record.expires > now and now - fetched < self.config.refresh_interval
-            if fresh and (needs is None or needs(record)):
-                return record
-        if self._absent.get(peer_id, 0.0) > now:
-            return None
-        key = dht_value_key(server_key(self.swarm, peer_id))
-        raw_key = key.encode()
-        values: list[bytes] = []
-        dht = self._require_dht()
-        local = dht.value_store.get(raw_key)
-        if local is not None:
-            values.append(local.value)
+        """A peer's current record (see :meth:`server_records`)."""
+        return (await self.server_records([peer_id], needs=needs)).get(peer_id)
 
-        async def ask(peer: ID) -> list[ID]:
-            value, closer = await kad.get_value(self.host.libp2p, peer, raw_key)
-            if value is not None:
-                values.append(value)
-            return closer
-
-        await self._walk(raw_key, ask)
+    async def server_records(
+        self, peer_ids: list[str], needs: Callable[[ServerRecord], bool] | None = None
+    ) -> dict[str, ServerRecord]:
+        """Current records of peers: cached while unexpired and younger than a refresh
+        period, else from the DHT (one batched walk for all that are not). A cached record
+        that fails ``needs`` (it does not list what the peer was just found a provider of)
+        counts as stale: the peer has announced more since."""
         now = self.clock()
-        best: ServerRecord | None = None
-        for value in values:
-            try:
-                candidate = validate(key, value, now)
-            except InvalidRecord as exc:
-                log.info("ignoring server record: %s", exc)
+        out: dict[str, ServerRecord] = {}
+        missing: list[str] = []
+        for peer_id in peer_ids:
+            cached = self._records.get(peer_id)
+            if cached is not None:
+                record, fetched = cached
+                fresh = record.expires > now and now - fetched < self.config.refresh_interval
+                if fresh and (needs is None or needs(record)):
+                    out[peer_id] = record
+                    continue
+            if self._absent.get(peer_id, 0.0) <= now:
+                missing.append(peer_id)
+        if not missing:
+            return out
+        keys = {p: dht_value_key(server_key(self.swarm, p)) for p in missing}
+        walks = await self._lookup([k.encode() for k in keys.values()], values=True)
+        now = self.clock()
+        for peer_id, key in keys.items():
+            best: ServerRecord | None = None
+            for value in walks[key.encode()].values:
+                try:
+                    candidate = validate(key, value, now)
+                except InvalidRecord as exc:
+                    log.info("ignoring server record: %s", exc)
+                    continue
+                if best is None or candidate.seq > best.seq:
+                    best = candidate
+            if best is None:
+                self._absent[peer_id] = now + self.config.absent_ttl
+                self._records.pop(peer_id, None)
                 continue
-            if best is None or candidate.seq > best.seq:
-                best = candidate
-        if best is None:
-            self._absent[peer_id] = now + self.config.absent_ttl
-            self._records.pop(peer_id, None)
-            return None
-        self._absent.pop(peer_id, None)
-        self._records[peer_id] = (best, now)
-        return best
+            self._absent.pop(peer_id, None)
+            self._records[peer_id] = (best, now)
+            out[peer_id] = best
+        return out
 
     def server_record_cached(self, peer_id: str) -> ServerRecord | None:
         """The record a lookup last found for ``peer_id``, if any (no network)."""
@@ -339,51 +340,60 @@ class Discovery:
 
     # ---- the walk --------------------------------------------------------------------
 
-    async def _walk(self, key: bytes, ask: Callable[[ID], Awaitable[list[ID]]]) -> _Walk:
-        """Kademlia's iterative lookup toward ``key``: keep ``alpha`` requests in flight
-        to the closest peers not yet asked, learn the closer peers they name, stop when
-        the ``alpha`` closest that answered are closer than anyone not yet asked."""
+    async def _lookup(self, keys: list[bytes], *, values: bool) -> dict[bytes, _Walk]:
+        """Kademlia's iterative lookup toward every key at once: keep ``alpha`` requests
+        in flight per key to the closest peers not yet asked, learn the closer peers they
+        name, stop a key when the ``alpha`` closest that answered are closer than anyone
+        not yet asked. One request to a peer carries every key it is asked about."""
         dht = self._require_dht()
-        me = self.host.libp2p.get_id()
-        walk = _Walk(
-            key=key,
-            alpha=self.config.alpha,
-            known=sort_peer_ids_by_distance(key, dht.routing_table.get_peer_ids()),
-        )
+        table = dht.routing_table.get_peer_ids()
+        walks: dict[bytes, _Walk] = {}
+        for key in keys:
+            walk = walks[key] = _Walk(
+                key=key, alpha=self.config.alpha, known=sort_peer_ids_by_distance(key, table)
+            )
+            walk.providers.update(str(i.peer_id) for i in dht.provider_store.get_providers(key))
+            local = dht.value_store.get(key) if values else None
+            if local is not None and local.value:
+                walk.values.append(local.value)
         progress = trio.Event()
-        in_flight = 0
 
-        async def one(peer: ID) -> None:
-            nonlocal progress, in_flight
-            closer = await self._request(ask, peer)
-            if closer is None:
-                walk.failed.add(peer)
-            else:
+        async def ask(peer: ID, batch: list[bytes]) -> None:
+            nonlocal progress
+            found = await self._request(query.find, self.host, peer, batch, values=values)
+            for index, key in enumerate(batch):
+                walk = walks[key]
+                walk.in_flight -= 1
+                if found is None:
+                    walk.failed.add(peer)
+                    continue
                 walk.answered.add(peer)
-                walk.learn([p for p in closer if p != me])
-            in_flight -= 1
+                walk.learn(found[index].closer)
+                walk.providers.update(str(p) for p in found[index].providers)
+                value = found[index].value
+                if value is not None:
+                    walk.values.append(value)
             progress.set()
 
         async with trio.open_nursery() as nursery:
-            while not walk.done():
-                for peer in walk.next_peers(self.config.alpha - in_flight):
-                    walk.asked.add(peer)
-                    in_flight += 1
-                    nursery.start_soon(one, peer)
-                if in_flight == 0:
+            while True:
+                plan: dict[ID, list[bytes]] = {}
+                for key, walk in walks.items():
+                    if walk.done():
+                        continue
+                    for peer in walk.next_peers(walk.alpha - walk.in_flight):
+                        walk.asked.add(peer)
+                        walk.in_flight += 1
+                        plan.setdefault(peer, []).append(key)
+                for peer, batch in plan.items():
+                    for chunk in _chunks(batch, query.MAX_KEYS):
+                        nursery.start_soon(ask, peer, chunk)
+                if all(walk.done() for walk in walks.values()):
                     break
                 await progress.wait()
                 progress = trio.Event()
             nursery.cancel_scope.cancel()
-        return walk
-
-    async def _closest(self, key: bytes) -> list[ID]:
-        """The live peers closest to ``key`` that a walk finds (where records go)."""
-
-        async def ask(peer: ID) -> list[ID]:
-            return await kad.find_node(self.host.libp2p, peer, key)
-
-        return (await self._walk(key, ask)).live()
+        return walks
 
     async def _request(
         self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
@@ -422,6 +432,7 @@ class Discovery:
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         dht = kad.KadNode(self.host.libp2p, self._mode())
         dht.register_validator(NAMESPACE, _RecordValidator(self.clock))
+        self.host.channels.serve(query.DHT_QUERY, query.QueryServer(dht).handle)
         async with background_trio_service(dht):
             self.dht = dht
             async with trio.open_nursery() as nursery:
@@ -460,3 +471,15 @@ class Discovery:
                     log.exception("announcing to the DHT failed")
             with trio.move_on_at(deadline):
                 await self._changed.wait()
+
+
+def _chunks(items: list[T], size: int) -> list[list[T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _serves(model_id: str, block: int) -> Callable[[ServerRecord], bool]:
+    return lambda record: record.serves(model_id, block)
+
+
+def _holds(sha256: str) -> Callable[[ServerRecord], bool]:
+    return lambda record: sha256 in record.blobs

@@ -1,8 +1,8 @@
 """The daemon's HTTP API: a starlette app served by hypercorn's trio worker.
 
-Routes now: GET /v1/health, GET /v1/status, GET /v1/swarm, POST /v1/ping, and the DHT's
-GET /v1/dht/servers?model=M&blocks=N, GET /v1/dht/blob/<sha256>, POST /v1/dht/announce.
-Later issues add the OpenAI-compatible routes and the status page to the same app.
+Routes: GET /v1/health, GET /v1/status, GET /v1/swarm, POST /v1/ping, the DHT's
+GET /v1/dht/servers?model=M&blocks=N, GET /v1/dht/blob/<sha256>, POST /v1/dht/announce,
+and the OpenAI-compatible routes (``openai_api.py``, passed in as ``extra_routes``).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -18,7 +19,7 @@ from hypercorn.trio import serve
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from shoal import __version__
 from shoal.dht.records import is_sha256_hex
@@ -56,7 +57,9 @@ def error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
-def build_api(node: NodeView) -> Starlette:
+def build_api(node: NodeView, extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
+    """The node's routes plus ``extra_routes`` (the OpenAI-compatible ones)."""
+
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"ok": True, "version": __version__})
 
@@ -117,6 +120,7 @@ def build_api(node: NodeView) -> Starlette:
             Route("/v1/status", status),
             Route("/v1/swarm", swarm),
             Route("/v1/ping", ping, methods=["POST"]),
+            *extra_routes,
         ]
     )
 

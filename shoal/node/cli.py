@@ -61,8 +61,39 @@ def node(
         float | None, typer.Option(help="seconds between DHT re-announcements (30)")
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="serve this model (Hugging Face directory or built-in name)")
+    ] = None,
+    model_id: Annotated[
+        str | None, typer.Option(help="the model's name in the swarm (default: its name)")
+    ] = None,
+    blocks: Annotated[
+        str | None,
+        typer.Option(help="A:B (blocks A..B-1), auto, or auto:N (where coverage is weakest)"),
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default fp32)")] = None,
+    quantize: Annotated[str | None, typer.Option(help="int8 or int4 weights")] = None,
+    max_sessions: Annotated[
+        int | None, typer.Option(help="inference sessions held at once (32)")
+    ] = None,
+    max_cache_tokens: Annotated[
+        int | None, typer.Option(help="KV cache positions all sessions may reserve (65536)")
+    ] = None,
+    session_idle: Annotated[
+        float | None, typer.Option(help="seconds before an idle session is dropped (300)")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="bearer token the OpenAI-compatible API requires")
+    ] = None,
+    step_timeout: Annotated[
+        float | None, typer.Option(help="API generations: seconds one token may take (60)")
+    ] = None,
+    route_timeout: Annotated[
+        float | None,
+        typer.Option(help="API generations: seconds to wait for missing blocks' servers (20)"),
+    ] = None,
 ) -> None:
-    """Run a node daemon and join a swarm."""
+    """Run a node daemon and join a swarm (with --model: serve a span of a model)."""
     try:
         config = load_config(
             config_file,
@@ -78,6 +109,17 @@ def node(
                 "offline_after": offline_after,
                 "dht_refresh": dht_refresh,
                 "log_level": log_level,
+                "model": model,
+                "model_id": model_id,
+                "blocks": blocks,
+                "dtype": dtype,
+                "quantize": quantize,
+                "max_sessions": max_sessions,
+                "max_cache_tokens": max_cache_tokens,
+                "session_idle": session_idle,
+                "api_key": api_key,
+                "step_timeout": step_timeout,
+                "route_timeout": route_timeout,
             },
         )
         peer_id = _peer_id(config.data_dir)
@@ -266,26 +308,147 @@ def generate(
     local: Annotated[
         bool, typer.Option("--local", help="run the whole model in this process (no network)")
     ] = False,
+    bootstrap: Annotated[
+        list[str] | None,
+        typer.Option("--bootstrap", "-b", help="full multiaddr of a node of the swarm"),
+    ] = None,
+    swarm: Annotated[str, typer.Option(help="swarm name")] = "main",
+    swarm_key: Annotated[Path | None, typer.Option(help="pnet key file of a private swarm")] = None,
     model: Annotated[str, typer.Option(help="model directory or built-in name")] = "shoal-tiny",
     max_tokens: Annotated[int, typer.Option(help="most new tokens to generate")] = 200,
     temperature: Annotated[float, typer.Option(help="0 for greedy")] = 0.8,
     top_k: Annotated[int, typer.Option(help="keep the k most likely tokens (0: all)")] = 0,
     top_p: Annotated[float, typer.Option(help="nucleus sampling threshold")] = 0.95,
-    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats")] = 1.0,
+    repetition_penalty: Annotated[
+        float, typer.Option(help="> 1 discourages repeats (--local only)")
+    ] = 1.0,
     seed: Annotated[int | None, typer.Option(help="seed for reproducible sampling")] = None,
-    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16")] = "fp32",
-    quantize: Annotated[str | None, typer.Option(help="int8 or int4 weights")] = None,
+    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (--local)")] = "fp32",
+    quantize: Annotated[str | None, typer.Option(help="int8 or int4 weights (--local)")] = None,
     chat: Annotated[
         bool, typer.Option("--chat", help="wrap the prompt in the model's chat template")
     ] = False,
+    route_timeout: Annotated[
+        float, typer.Option(help="seconds to wait for servers of missing blocks")
+    ] = 20.0,
 ) -> None:
-    """Generate text, streaming it as it comes (with --local: in this process)."""
-    if not local:
+    """Generate text, streaming it as it comes: through a swarm (--bootstrap), or --local."""
+    if local:
+        _generate_local(
+            prompt,
+            model=model,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            dtype=dtype,
+            quantize=quantize,
+            chat=chat,
+        )
+        return
+    if not bootstrap:
         _fail(
-            "generating through the swarm is not built yet; "
-            "run the model in this process with --local",
+            "give --bootstrap ADDR (a node of the swarm: the full multiaddr `shoal id` prints "
+            "there), or run the model in this process with --local; try `shoal demo` for a "
+            "local swarm",
             2,
         )
+        return
+    if repetition_penalty != 1.0:
+        _fail("--repetition-penalty works with --local only", 2)
+    from shoal.pipeline.chain import ChainConfig
+
+    try:
+        trio.run(
+            _generate_swarm,
+            list(bootstrap),
+            prompt,
+            {
+                "model": model,
+                "max_new_tokens": max_tokens,
+                "temperature": temperature,
+                "top_k": top_k,
+                "top_p": top_p,
+                "seed": seed,
+            },
+            chat,
+            {
+                "swarm": swarm,
+                "swarm_key": swarm_key,
+                "chain": ChainConfig(route_timeout=route_timeout),
+            },
+        )
+    except Error as exc:
+        _fail(str(exc), 1)
+
+
+async def _generate_swarm(
+    bootstrap: list[str],
+    prompt: str,
+    options: dict[str, Any],
+    chat: bool,
+    client_options: dict[str, Any],
+) -> None:
+    from shoal.client import open_client
+
+    async with open_client(bootstrap, **client_options) as swarm:
+        await stream_generation(swarm, prompt, options, chat=chat)
+
+
+async def stream_generation(
+    swarm: Any, prompt: str, options: dict[str, Any], *, chat: bool = False
+) -> str:
+    """Stream a generation to stdout (the prompt first), then the route and speed to
+    stderr; returns the generated text."""
+    import time
+
+    text: str | list[dict[str, str]] = [{"role": "user", "content": prompt}] if chat else prompt
+    sys.stdout.write("" if chat else prompt)
+    sys.stdout.flush()
+    pieces: list[str] = []
+    started = time.perf_counter()
+    first: float | None = None
+    async for piece in swarm.generate(text, **options):
+        first = first if first is not None else time.perf_counter()
+        pieces.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    done = time.perf_counter()
+    trace = swarm.last_trace
+    route = " -> ".join(f"{h.peer[-8:]} blocks {h.start}:{h.end}" for h in trace.route)
+    err.print(f"route: client -> {route}", highlight=False, soft_wrap=True)
+    if trace.hop_ms:
+        hops = ", ".join(f"{peer[-8:]} {ms:.1f} ms" for peer, ms in trace.hop_ms)
+        err.print(f"last token, compute per hop: {hops}", highlight=False)
+    if trace.failovers:
+        err.print(f"failovers: {trace.failovers}", highlight=False)
+    if first is not None:
+        err.print(
+            f"time to first token {1e3 * (first - started):.0f} ms; "
+            f"{len(pieces)} pieces in {done - started:.2f} s",
+            highlight=False,
+        )
+    return "".join(pieces)
+
+
+def _generate_local(
+    prompt: str,
+    *,
+    model: str,
+    max_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+    seed: int | None,
+    dtype: str,
+    quantize: str | None,
+    chat: bool,
+) -> None:
     from shoal.kernels.sampling import SamplingParams
     from shoal.pipeline.generate import GenerationStats
     from shoal.pipeline.generate import generate as generate_tokens
@@ -333,6 +496,31 @@ def generate(
         f"decode {stats.decode_tokens_per_second:.1f} tokens/s",
         highlight=False,
     )
+
+
+DEMO_PROMPT = "ROMEO:"
+
+
+@app.command()
+def demo(
+    prompt: Annotated[str, typer.Option(help="the text the swarm continues")] = DEMO_PROMPT,
+    max_tokens: Annotated[int, typer.Option(help="most new tokens to generate")] = 120,
+    temperature: Annotated[float, typer.Option(help="0 for greedy")] = 0.0,
+    workdir: Annotated[
+        Path | None, typer.Option(help="where the nodes keep their data (default: a temp dir)")
+    ] = None,
+) -> None:
+    """Start a local swarm (a bootstrap node and 3 servers of shoal-tiny, separate
+    processes on loopback), generate through it, show the route, and shut it down."""
+    from shoal.node.demo import run_demo
+
+    try:
+        run_demo(prompt, max_tokens=max_tokens, temperature=temperature, workdir=workdir)
+    except Error as exc:
+        _fail(str(exc), 1)
+    except KeyboardInterrupt:
+        err.print("interrupted; every node of the demo was stopped")
+        raise typer.Exit(130) from None
 
 
 def main() -> None:

@@ -47,6 +47,17 @@ class NodeConfig:
     dht_refresh: seconds between DHT re-announcements; a dead server's records lapse
         after twice that.
     log_level: debug, info, warning or error.
+    model: a model to serve (a Hugging Face directory or a built-in name), or None.
+    model_id: the name the swarm knows the model by (default: the built-in name or the
+        directory's name).
+    blocks: ``A:B`` (serve blocks A..B-1), ``auto`` (the weakest-covered span, a third of
+        the model) or ``auto:N`` (N blocks where coverage is weakest).
+    dtype / quantize: how the served span is held (fp32, bf16, fp16; int8, int4).
+    max_sessions / max_cache_tokens / session_idle: inference session limits (sessions at
+        once, cache positions reserved in all, seconds before an idle session is dropped).
+    api_key: bearer token the OpenAI-compatible routes require (None: no auth).
+    step_timeout / route_timeout: the API's swarm client: seconds one token may take along
+        the chain; seconds to wait for servers of missing blocks before an error.
     """
 
     data_dir: Path
@@ -61,6 +72,17 @@ class NodeConfig:
     offline_after: float = 30.0
     dht_refresh: float = 30.0
     log_level: str = "info"
+    model: str | None = None
+    model_id: str | None = None
+    blocks: str | None = None
+    dtype: str = "fp32"
+    quantize: str | None = None
+    max_sessions: int = 32
+    max_cache_tokens: int = 65536
+    session_idle: float = 300.0
+    api_key: str | None = None
+    step_timeout: float = 60.0
+    route_timeout: float = 20.0
 
     def __post_init__(self) -> None:
         if not self.listen:
@@ -83,6 +105,35 @@ class NodeConfig:
             raise ConfigError("offline_after must be between 1 and 3600 seconds")
         if not 1.0 <= self.dht_refresh <= 3600.0:
             raise ConfigError("dht_refresh must be between 1 and 3600 seconds")
+        if self.blocks is not None:
+            if self.model is None:
+                raise ConfigError("blocks: give --model too (which model's blocks to serve)")
+            parse_blocks(self.blocks)
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"dtype {self.dtype!r}: use fp32, bf16 or fp16")
+        if self.quantize not in (None, "int8", "int4"):
+            raise ConfigError(f"quantize {self.quantize!r}: use int8 or int4")
+        if self.max_sessions < 1 or self.max_cache_tokens < 1:
+            raise ConfigError("max_sessions and max_cache_tokens must be at least 1")
+        for name in ("session_idle", "step_timeout", "route_timeout"):
+            if not 0.1 <= getattr(self, name) <= 86400:
+                raise ConfigError(f"{name} must be between 0.1 and 86400 seconds")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("api_key is empty; give a token or leave it out")
+
+
+def parse_blocks(blocks: str) -> tuple[int, int] | int | None:
+    """``A:B`` -> (A, B); ``auto:N`` -> N; ``auto`` -> None (a third of the model)."""
+    if blocks == "auto":
+        return None
+    if blocks.startswith("auto:") and blocks[5:].isdigit() and int(blocks[5:]) >= 1:
+        return int(blocks[5:])
+    start, sep, end = blocks.partition(":")
+    if sep and start.isdigit() and end.isdigit() and int(start) < int(end):
+        return int(start), int(end)
+    raise ConfigError(
+        f"blocks {blocks!r}: expected A:B with A < B (blocks A..B-1, e.g. 0:4), auto or auto:N"
+    )
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
@@ -139,12 +190,22 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> NodeConfig:
     for name in ("relay",):
         if name in coerced and not isinstance(coerced[name], bool):
             raise ConfigError(f"{name}: expected true or false, got {coerced[name]!r}")
-    for name in ("swarm", "log_level"):
+    for name in (
+        "swarm",
+        "log_level",
+        "model",
+        "model_id",
+        "blocks",
+        "dtype",
+        "quantize",
+        "api_key",
+    ):
         if name in coerced and not isinstance(coerced[name], str):
             raise ConfigError(f"{name}: expected a string ({types[name]})")
-    if "target_peers" in coerced and not isinstance(coerced["target_peers"], int):
-        raise ConfigError("target_peers: expected an integer")
-    for name in ("offline_after", "dht_refresh"):
+    for name in ("target_peers", "max_sessions", "max_cache_tokens"):
+        if name in coerced and not isinstance(coerced[name], int):
+            raise ConfigError(f"{name}: expected an integer")
+    for name in ("offline_after", "dht_refresh", "session_idle", "step_timeout", "route_timeout"):
         if name in coerced and not isinstance(coerced[name], int | float):
             raise ConfigError(f"{name}: expected a number of seconds")
     return NodeConfig(**coerced)

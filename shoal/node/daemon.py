@@ -1,9 +1,10 @@
 """The node daemon: one trio nursery for every service of one node.
 
 ``run_node(config)`` loads the identity, opens the libp2p host, starts peering (bootstrap
-and peer exchange), NAT traversal, state sync, DHT discovery, the diagnostic ping and the
-HTTP API, and runs until
-cancelled. On the way out it persists the known peers and removes its runtime file; the
+and peer exchange), NAT traversal, state sync, DHT discovery, the diagnostic ping, the
+model server when ``--model`` is given (load the span, measure it, serve inference
+sessions, announce the span in the DHT and the roster) and the HTTP API with the
+OpenAI-compatible routes (generations through the swarm), and runs until cancelled. On the way out it persists the known peers and removes its runtime file; the
 host is closed by ``open_host`` on every path.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 from contextlib import suppress
@@ -22,11 +24,19 @@ import trio
 from libp2p.peer.id import ID
 
 from shoal import __version__
+from shoal.client import SwarmClient
 from shoal.dht.discovery import Discovery, DiscoveryConfig
 from shoal.dht.records import ServerRecord
 from shoal.node.api import build_api, serve_api
-from shoal.node.config import NodeConfig
+from shoal.node.config import NodeConfig, parse_blocks
 from shoal.node.errors import NodeError
+from shoal.node.openai_api import openai_routes
+from shoal.node.swarm_backend import SwarmBackend
+from shoal.pipeline.chain import ChainConfig, RemoteSwarm
+from shoal.pipeline.loading import builtin_models, load_span, open_checkpoint, resolve_model
+from shoal.pipeline.model import Span
+from shoal.pipeline.routing import choose_span
+from shoal.pipeline.serving import ModelFiles, ServerConfig, SpanServer, measure_throughput
 from shoal.state.document import SwarmState
 from shoal.state.store import load_state, state_path
 from shoal.state.sync import StateSync, SyncConfig
@@ -58,7 +68,9 @@ class Node:
     sync: StateSync
     nat: NatService
     discovery: Discovery
+    client: SwarmClient
     api_url: str | None = None
+    server: SpanServer | None = None
 
     def status(self) -> dict[str, Any]:
         return {
@@ -110,12 +122,23 @@ class Node:
         }
 
     def own_roster_fields(self) -> dict[str, Any]:
-        return {
+        fields: dict[str, Any] = {
             "addrs": self.host.advertised_addrs(),
             "reachability": self.host.reachability.value,
             "version": __version__,
             "device": local_device(),
         }
+        if self.server is not None:
+            fields["spans"] = {self.server.model_id: [self.server.start, self.server.end]}
+            fields["throughput"] = round(self.server.throughput, 1)
+            fields["free_cache_tokens"] = self.server.free_cache_tokens()
+            fields["load"] = round(self.server.load(), 3)
+        return fields
+
+    def registered_models(self) -> list[str]:
+        """Model ids the swarm state registers, this node's own first."""
+        own = [self.server.model_id] if self.server is not None else []
+        return own + [m for m in models(self.sync.state) if m not in own]
 
     async def dht_servers(self, model_id: str, num_blocks: int) -> dict[str, Any]:
         """Which live servers the DHT lists for each block of a model, and their records."""
@@ -226,7 +249,9 @@ async def run_node(
         discovery = Discovery(
             host, config.swarm, key_pair, DiscoveryConfig(refresh_interval=config.dht_refresh)
         )
-        node = Node(config, host, peering, sync, nat, discovery)
+        chain = ChainConfig(step_timeout=config.step_timeout, route_timeout=config.route_timeout)
+        client = SwarmClient(RemoteSwarm(host, discovery, chain))
+        node = Node(config, host, peering, sync, nat, discovery, client)
         try:
             async with trio.open_nursery() as nursery:
                 serve_ping(host)
@@ -234,9 +259,15 @@ async def run_node(
                 await nursery.start(nat.run)
                 await nursery.start(sync.run)
                 await nursery.start(discovery.run)
+                if config.model is not None:
+                    node.server = await nursery.start(serve_model, node)
                 nursery.start_soon(_publish_roster, node)
                 if config.api is not None:
-                    node.api_url = await nursery.start(serve_api, build_api(node), config.api)
+                    backend = SwarmBackend(client, node.registered_models)
+                    await nursery.start(backend.run)
+                    routes = openai_routes(backend, api_key=config.api_key)
+                    app = build_api(node, extra_routes=routes)
+                    node.api_url = await nursery.start(serve_api, app, config.api)
                 _write_json(config.data_dir / RUNTIME_FILE, node.status() | {"pid": os.getpid()})
                 log.info(
                     "node %s up; %d bootstrap address(es)", host.peer_id, len(config.bootstrap)
@@ -250,6 +281,77 @@ async def run_node(
 
 
 ROSTER_CHECK_INTERVAL = 2.0
+#: Seconds a node with ``--blocks auto`` listens to the swarm state before it picks.
+AUTO_LISTEN = 3.0
+
+
+async def serve_model(node: Node, *, task_status: TaskStatus[SpanServer]) -> None:
+    """Load this node's span of ``--model``, measure it, serve it and announce it."""
+    config = node.config
+    assert config.model is not None
+    checkpoint = await trio.to_thread.run_sync(open_checkpoint, config.model)
+    model_id = config.model_id or model_name(config.model)
+    num_blocks = checkpoint.config.num_layers
+    start, end = await _pick_span(node, model_id, num_blocks)
+    span = Span(start=start, end=end, embed=start == 0, head=end == num_blocks)
+    log.info("loading blocks %d:%d of %s (%d blocks)", start, end, model_id, num_blocks)
+    weights = await trio.to_thread.run_sync(
+        lambda: load_span(checkpoint, span, dtype=config.dtype, quantize=config.quantize)
+    )
+    throughput = await trio.to_thread.run_sync(measure_throughput, weights)
+    files = await trio.to_thread.run_sync(ModelFiles.read, checkpoint.directory)
+    server = SpanServer(
+        node.host,
+        model_id,
+        weights,
+        files,
+        ServerConfig(
+            max_sessions=config.max_sessions,
+            max_cache_tokens=config.max_cache_tokens,
+            session_idle=config.session_idle,
+        ),
+        throughput=throughput,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        node.discovery.announce(model_id, start, end)
+        node.sync.write("models", model_id, {"num_blocks": num_blocks})
+        log.info("serving blocks %d:%d of %s at %.1f steps/s", start, end, model_id, throughput)
+        task_status.started(server)
+
+
+def model_name(model: str) -> str:
+    """The id a model is announced under: a built-in's name, else its directory's name."""
+    if model in builtin_models():
+        return model
+    return resolve_model(model).resolve().name
+
+
+async def _pick_span(node: Node, model_id: str, num_blocks: int) -> tuple[int, int]:
+    assert node.config.blocks is not None or node.config.model is not None
+    choice = parse_blocks(node.config.blocks or "auto")
+    if isinstance(choice, tuple):
+        start, end = choice
+        if end > num_blocks:
+            raise NodeError(
+                f"--blocks {start}:{end} is past the end of {model_id}, which has "
+                f"{num_blocks} blocks (0:{num_blocks})"
+            )
+        return start, end
+    length = min(num_blocks, choice if choice is not None else math.ceil(num_blocks / 3))
+    await trio.sleep(AUTO_LISTEN)  # hear the roster first
+    throughput = [0.0] * num_blocks
+    online = node.sync.liveness.online(trio.current_time())
+    for entry in roster(node.sync.state, online):
+        span = entry.spans.get(model_id)
+        if entry.online and span is not None and entry.peer_id != node.sync.state.me:
+            for block in range(span[0], min(span[1], num_blocks)):
+                throughput[block] += entry.throughput or 1.0
+    start = choose_span(throughput, length)
+    log.info(
+        "--blocks auto: blocks %d:%d (served throughput %s)", start, start + length, throughput
+    )
+    return start, start + length
 
 
 async def _publish_roster(node: Node) -> None:

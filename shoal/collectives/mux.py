@@ -15,6 +15,7 @@ from typing import Protocol
 from shoal.collectives import wire
 from shoal.collectives.allreduce import AllReduceResult, Send
 from shoal.collectives.errors import CollectiveError, MessageTooLarge, OperationFailed, Rejected
+from shoal.collectives.view import View
 
 MAX_EARLY_MESSAGES = 1024
 MAX_EARLY_BYTES = 64 << 20
@@ -22,6 +23,8 @@ MAX_EARLY_BYTES = 64 << 20
 
 class Operation(Protocol):
     me: str
+    view: View
+    max_message_bytes: int
     result: AllReduceResult | None
     error: OperationFailed | None
     rejections: list[Rejected]
@@ -52,6 +55,7 @@ class Collectives:
         self._early: deque[tuple[str, str, bytes]] = deque()
         self._early_bytes = 0
         self._failed: set[str] = set()
+        self._forgotten: set[str] = set()
         self.max_early_messages = max_early_messages
         self.max_early_bytes = max_early_bytes
 
@@ -67,8 +71,8 @@ class Collectives:
     def start(self, tag: str, op: Operation) -> list[Send]:
         """Register operation ``tag`` (then call its ``contribute``) and replay what
         arrived for it early, and the failures already known."""
-        if tag in self.ops:
-            raise CollectiveError(f"operation {tag!r} is already running")
+        if tag in self.ops or tag in self._forgotten:
+            raise CollectiveError(f"operation {tag!r} is already running (or was run)")
         if op.me != self.me:
             raise CollectiveError(f"operation {tag!r} belongs to {op.me}, not {self.me}")
         self.ops[tag] = op
@@ -94,6 +98,8 @@ class Collectives:
         op = self.ops.get(tag)
         if op is not None:
             return op.receive(sender, data)
+        if tag in self._forgotten:  # a late message for an operation this peer dropped
+            return []
         if (
             len(self._early) >= self.max_early_messages
             or self._early_bytes + len(data) > self.max_early_bytes
@@ -105,6 +111,12 @@ class Collectives:
         self._early.append((tag, sender, bytes(data)))
         self._early_bytes += len(data)
         return []
+
+    def forget(self, tag: str) -> None:
+        """Drop operation ``tag`` (finished, retained long enough); later messages for it
+        are ignored instead of being held as early ones."""
+        self.ops.pop(tag, None)
+        self._forgotten.add(tag)
 
     def peer_failed(self, peer: str) -> list[Send]:
         self._failed.add(peer)

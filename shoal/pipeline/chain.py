@@ -112,7 +112,7 @@ class RemoteSwarm:
         cached = self._models.get(model_id)
         if cached is not None:
             return cached
-        waited = min(self.config.route_timeout, 5.0)
+        waited = self.config.route_timeout
         with trio.move_on_after(waited):
             while True:
                 for record in await self.discovery.find_servers(model_id, 0):

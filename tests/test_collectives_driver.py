@@ -193,9 +193,6 @@ def test_four_processes_fp32_int8_star_in_flight_together(group: Group) -> None:
     assert torch.equal(star, fp32)
     finals = group.finals(NAMES)
     assert all(f["rejections"] == [] for f in finals.values())
-    # int8 moved fewer bytes than fp32 (both ran together, so compare through the wire
-    # size a peer sent: about 4 fp32 chunks + 1.06 int8 chunks + star traffic per peer)
-    assert all(o["bytes_sent"] > 0 for o in out.values())
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,12 @@ Files:
 - ``mux.py``       :class:`Collectives`: several operations in flight, routed by tag.
 - ``memnet.py``    an in-memory network with a declared fault plan, for tests.
 - ``errors.py``    rejections (recorded, the round goes on) and operation failures.
+- ``driver.py``    :class:`CollectivesDriver`, the trio/libp2p I/O shell: long-lived
+                   streams per peer, failure detection, deadlines, worker threads for
+                   torch work (:func:`open_collectives`).
 
-None of these modules imports trio or libp2p: a driver feeds events and delivers bytes.
+Apart from ``driver.py``, none of these modules imports trio or libp2p: the driver feeds
+events and delivers bytes.
 """
 
 from shoal.collectives.allreduce import AllReduce, AllReduceResult, Decision, Send

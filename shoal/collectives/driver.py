@@ -121,6 +121,11 @@ class _Outbox:
         self.send, self.receive = trio.open_memory_channel[bytes](math.inf)
         self.dead = False
         self.bytes_queued = 0
+        self.written = trio.Event()  # set while nothing is queued (or the peer is gone)
+
+    def mark_dead(self) -> None:
+        self.dead = True
+        self.written.set()
 
 
 class CollectivesDriver:
@@ -213,6 +218,14 @@ class CollectivesDriver:
         """Queue frames built outside a machine (tools, and tests that craft bad ones)."""
         self._dispatch(sends)
 
+    async def drain(self, seconds: float = 5.0) -> None:
+        """Wait (at most ``seconds``) until every queued frame to a live peer is written:
+        a peer that leaves right after its last operation still delivers its final
+        messages (a star leader's result, the coordinator's CHOSEN)."""
+        with trio.move_on_after(seconds):
+            for box in list(self._outboxes.values()):
+                await box.written.wait()
+
     def operation(self, tag: str) -> Operation | None:
         """The operation ``tag`` (running or retained), for its rejections and outcome."""
         running = self._running.get(tag)
@@ -266,6 +279,8 @@ class CollectivesDriver:
                 self._nursery.start_soon(self._write_loop, box)
             if not box.dead:
                 box.bytes_queued += len(send.data)
+                if box.written.is_set():
+                    box.written = trio.Event()
                 box.send.send_nowait(send.data)
         self._finish_check()
 
@@ -282,7 +297,7 @@ class CollectivesDriver:
         self._failed.add(peer)
         box = self._outboxes.get(peer)
         if box is not None:
-            box.dead = True
+            box.mark_dead()
         log.info("%s: peer %s failed: %s", self.me, peer, why)
         await self._event(lambda: self.mux.peer_failed(peer), thread=True)
 
@@ -301,8 +316,10 @@ class CollectivesDriver:
                 await stream.write(data)
                 box.bytes_queued -= len(data)
                 self.bytes_sent += len(data)
+                if not box.bytes_queued:
+                    box.written.set()
         except (Exception, trio.TooSlowError) as exc:
-            box.dead = True
+            box.mark_dead()
             await self._peer_failed(box.peer, f"write failed: {exc!r}")
         finally:
             if stream is not None:
@@ -390,6 +407,7 @@ async def open_collectives(
         await nursery.start(driver.run)
         try:
             yield driver
+            await driver.drain()
         finally:
             nursery.cancel_scope.cancel()
 

@@ -106,7 +106,7 @@ def test_cli_generate_seeded_sampling_is_reproducible() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["generate", "hello"], "through the swarm is not built yet"),
+        (["generate", "hello"], "give --bootstrap ADDR"),
         (["generate", "--local", "--model", "no-such-model", "hi"], "not a built-in model"),
         (["generate", "--local", "--quantize", "int2", "hi"], "unknown quantization 'int2'"),
     ],

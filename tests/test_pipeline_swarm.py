@@ -241,3 +241,18 @@ async def test_kill_9_of_the_middle_server_fails_over_with_identical_tokens(
         stop_all(made)
         for daemon in made:
             assert daemon.process is not None and daemon.process.poll() is not None
+
+
+def test_blocking_facade_and_chat_messages(tiny_swarm: list[Daemon]) -> None:
+    import shoal
+    from shoal.client import chat_text
+
+    tokenizer = load_tokenizer(open_checkpoint(TINY))
+    messages = [{"role": "user", "content": "Who art thou?"}]
+    prompt = tokenizer.encode(chat_text(tokenizer, messages))
+    expected = tokenizer.decode(reference(TINY, prompt, 24))
+    with shoal.connect([tiny_swarm[0].addr]) as swarm:
+        assert swarm.generate(messages, max_new_tokens=24) == expected
+        assert "".join(swarm.stream("ROMEO:", max_new_tokens=8)) == tokenizer.decode(
+            reference(TINY, encode("ROMEO:"), 8)
+        )

@@ -1,0 +1,89 @@
+"""The collectives driver with real libp2p hosts in one process (fast cases the
+multi-process tests do not cover): a member that stays connected but never sends is
+dropped through deadlines; a frame over the size limit is refused before allocation and
+its sender treated as failed; a bad local tensor raises before anything is sent."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import msgpack
+import pytest
+import torch
+import trio
+from conftest import loopback_host
+from test_collectives_support import reference
+
+from shoal.collectives import AllReduceResult, Member, make_view
+from shoal.collectives.driver import PROTOCOL, CollectivesDriver, DriverConfig, open_collectives
+from shoal.collectives.errors import BadContribution, MessageTooLarge
+from shoal.transport.host import Host
+
+
+@asynccontextmanager
+async def drivers(n: int, config: DriverConfig) -> AsyncIterator[list[CollectivesDriver]]:
+    async with AsyncExitStack() as stack:
+        hosts: list[Host] = [await stack.enter_async_context(loopback_host()) for _ in range(n)]
+        for i, host in enumerate(hosts):
+            for other in hosts[:i]:
+                await host.connect(other.listen_addrs()[0])
+        yield [await stack.enter_async_context(open_collectives(h, config)) for h in hosts]
+
+
+def tensors(ds: list[CollectivesDriver], numel: int) -> dict[str, torch.Tensor]:
+    return {
+        d.me: torch.randn(numel, generator=torch.Generator().manual_seed(i))
+        for i, d in enumerate(ds)
+    }
+
+
+async def test_a_silent_connected_member_is_dropped_by_deadlines() -> None:
+    async with drivers(4, DriverConfig(deadline=0.5, timeout=30)) as ds:
+        view = make_view("silent/0", [Member(d.me) for d in ds], (5000,))
+        xs = tensors(ds, 5000)
+        silent = ds[0]  # connected, serving its streams, never starts the operation
+        results: dict[str, AllReduceResult] = {}
+
+        async def one(d: CollectivesDriver) -> None:
+            results[d.me] = await d.all_reduce(view, xs[d.me])
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for d in ds[1:]:
+                    nursery.start_soon(one, d)
+        survivors = sorted(d.me for d in ds[1:])
+        ref = reference(view, xs, survivors)
+        assert {r.contributors for r in results.values()} == {tuple(survivors)}
+        assert all(torch.equal(r.tensor, ref) for r in results.values())
+        assert len({r.digest for r in results.values()}) == 1
+        assert silent.operation("silent/0") is None
+
+
+async def test_an_oversized_frame_is_refused_and_its_sender_failed() -> None:
+    async with drivers(2, DriverConfig(max_early_frame=1 << 20)) as (a, b):
+        stream = await a.host.libp2p.new_stream(b.host.peer_id, [PROTOCOL])
+        header = msgpack.packb({"t": "DATA", "n": 1 << 30}, use_bin_type=True)
+        await stream.write(struct.pack(">I", len(header)) + header)
+        with trio.fail_after(10):
+            while not b.mux.rejections:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        (rejection,) = b.mux.rejections
+        assert isinstance(rejection, MessageTooLarge)
+        assert (rejection.peer, rejection.size, rejection.limit) == (a.me, 1 << 30, 1 << 20)
+        assert b._failed == {a.me}
+
+
+async def test_a_bad_local_tensor_raises_before_anything_is_sent() -> None:
+    async with drivers(2, DriverConfig()) as (a, b):
+        view = make_view("bad/0", [Member(a.me), Member(b.me)], (16,))
+        bad = torch.ones(16)
+        bad[3] = float("nan")
+        with pytest.raises(BadContribution) as info:
+            await a.all_reduce(view, bad)
+        assert info.value.field == "nonfinite"
+        with pytest.raises(BadContribution) as info:
+            await a.all_reduce(view, torch.ones(15))
+        assert info.value.field == "shape"
+        assert a.bytes_sent == 0 and a.operation("bad/0") is None

@@ -122,3 +122,24 @@ def test_mux_refuses_early_messages_beyond_its_buffer() -> None:
     assert len(a.rejections) == len(sends) - 1
     with pytest.raises(CollectiveError):
         a.start(view.tag, op)  # belongs to peer01
+
+
+def test_mux_forget_drops_an_operation_and_ignores_its_late_messages() -> None:
+    view = group(2, (4, 8), tag="run/9/old")
+    a, b = view.peers
+    xs = contributions(view)
+    ops = {p: AllReduce(view, p) for p in view.peers}
+    muxes = {p: Collectives(p) for p in view.peers}
+    net = MemoryNetwork(muxes)
+    for p in view.peers:
+        net.call(p, lambda p=p: muxes[p].start(view.tag, ops[p]) + ops[p].contribute(xs[p]))  # type: ignore[misc]
+    net.run()
+    assert ops[a].result is not None and ops[b].result is not None
+    late = AllReduce(view, a).contribute(xs[a])  # frames of the forgotten operation
+    assert late
+    muxes[b].forget(view.tag)
+    assert view.tag not in muxes[b].ops
+    assert [muxes[b].receive(a, s.data) for s in late] == [[] for _ in late]
+    assert muxes[b].held == 0  # ignored, not held as early messages
+    with pytest.raises(CollectiveError):
+        muxes[b].start(view.tag, AllReduce(view, b))  # a tag runs once

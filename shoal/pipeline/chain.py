@@ -50,11 +50,13 @@ log = logging.getLogger(__name__)
 class ChainConfig:
     """step_timeout: seconds one step may take along the whole chain. route_timeout:
     seconds to keep looking for servers of missing blocks before :class:`NoRoute`.
+    model_timeout: seconds to look for a model's first servers before :class:`ModelNotFound`.
     info_timeout: seconds a server has to answer ``info``. max_failures: server failures
     one step survives. ban_seconds: first ban of a failed server (doubles per repeat)."""
 
     step_timeout: float = 60.0
     route_timeout: float = 20.0
+    model_timeout: float = 20.0
     info_timeout: float = 3.0
     max_failures: int = 8
     ban_seconds: float = 15.0
@@ -112,7 +114,7 @@ class RemoteSwarm:
         cached = self._models.get(model_id)
         if cached is not None:
             return cached
-        waited = self.config.route_timeout
+        waited = self.config.model_timeout
         with trio.move_on_after(waited):
             while True:
                 for record in await self.discovery.find_servers(model_id, 0):

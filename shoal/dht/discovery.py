@@ -454,7 +454,7 @@ class Discovery:
                     known.add(peer_id)
             known &= links
             dht.drop_clients()
-            await trio.sleep(0.2)
+            await trio.sleep(0.5)
 
     async def _refresh(self) -> None:
         """Publish every ``refresh_interval`` from the start of the last round (not its

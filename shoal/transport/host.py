@@ -22,7 +22,11 @@ design/libp2p-notes.md applied here:
    rule) instead of one WINDOW_UPDATE frame per read: gossipsub reads a varint a byte at a
    time, so every received message cost the sender's side several frames (idle daemons
    used 10 % of a core each, 6.5 % with this; bulk throughput unchanged,
-   docs/benchmarks.md).
+   docs/benchmarks.md);
+10. a connection on which opening a stream timed out in protocol negotiation is closed
+    (peering dials the peer again): py-libp2p can leave a connection whose far side no
+    longer accepts streams, and then every stream opened on it waits 10 s and fails
+    (thousands of times a minute in a 16-node swarm, scripts/bench/dht.py).
 
 The host also carries shoal's two call paths: ``rpc`` (a stream per call) and
 ``channels`` (calls multiplexed on one long-lived stream per peer and protocol).
@@ -47,9 +51,12 @@ from libp2p.connection_types import ConnectionType
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.host.basic_host import BasicHost
+from libp2p.host.exceptions import StreamFailure
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.protocol_muxer.exceptions import MultiselectClientError
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH as _NOISE_MAX_PLAINTEXT
@@ -101,6 +108,31 @@ async def _upgrade_outbound_closing_on_failure(  # type: ignore[no-untyped-def]
 
 
 _libp2p_swarm.Swarm.upgrade_outbound_raw_conn = _upgrade_outbound_closing_on_failure
+
+# Workaround 10: close connections on which stream negotiation timed out.
+_new_stream = BasicHost.new_stream
+
+
+async def _new_stream_dropping_stuck_connections(  # type: ignore[no-untyped-def]
+    self, peer_id, protocol_ids
+):
+    try:
+        return await _new_stream(self, peer_id, protocol_ids)
+    except StreamFailure as exc:
+        if isinstance(exc.__cause__, MultiselectClientError) and "timed out" in str(exc.__cause__):
+            conns = list(self.get_network().get_connections(peer_id))
+            log.info(
+                "stream negotiation with %s timed out: closing %d connection(s)",
+                peer_id,
+                len(conns),
+            )
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                for conn in conns:
+                    await _close_quietly(conn)
+        raise
+
+
+BasicHost.new_stream = _new_stream_dropping_stuck_connections
 
 # Workaround 9: py-libp2p's yamux sends a WINDOW_UPDATE after every read by default
 # (``RELEASE_ON_READ``); it reads this variable at each read. An operator's own setting wins.

@@ -106,7 +106,8 @@ def parse_peer_list(body: Mapping[str, Any]) -> list[tuple[str, list[str]]]:
 @dataclass(frozen=True, kw_only=True)
 class PeeringConfig:
     """bootstrap: full multiaddrs to join through; target_peers: connections to keep;
-    exchange_interval: seconds between asking each peer for its peers; tick: seconds
+    exchange_interval: seconds between peer exchanges (each with one connected peer, plus
+    one with every new connection at once); tick: seconds
     between upkeep rounds."""
 
     bootstrap: tuple[str, ...] = ()
@@ -125,6 +126,7 @@ class Peering:
         self._bootstrap_backoff = dial_backoff()
         self._dialing: set[str] = set()
         self._last_exchange: dict[str, float] = {}
+        self._last_round = -1e9
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.host.rpc.serve(PEERS, self._rpc_peers)
@@ -150,10 +152,17 @@ class Peering:
         for pid in self.table.dial_candidates(now, connected | self._dialing, room):
             known = self.table.peers[pid]
             nursery.start_soon(self._dial_known, pid, known)
-        for pid in connected:
-            if now - self._last_exchange.get(pid, -1e9) >= self.config.exchange_interval:
-                self._last_exchange[pid] = now
-                nursery.start_soon(self._exchange, ID.from_base58(pid))
+        # Peer exchange: with every new connection at once, then with one peer (the one
+        # asked least recently) every ``exchange_interval``.
+        for gone in set(self._last_exchange) - connected:
+            del self._last_exchange[gone]
+        due = [pid for pid in connected if pid not in self._last_exchange]
+        if not due and connected and now - self._last_round >= self.config.exchange_interval:
+            due = [min(connected, key=lambda pid: self._last_exchange[pid])]
+            self._last_round = now
+        for pid in due:
+            self._last_exchange[pid] = now
+            nursery.start_soon(self._exchange, ID.from_base58(pid))
 
     async def _dial(self, addr: str) -> None:
         self._dialing.add(addr)

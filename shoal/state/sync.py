@@ -158,7 +158,7 @@ class StateSync:
         async with trio.open_nursery() as nursery:
             while True:
                 now = trio.current_time()
-                links = {link.peer_id for link in self.host.links()}
+                links = self.host.connected_peers()
                 for gone in set(self._pulled) - links:  # pulled again when it reconnects
                     del self._pulled[gone]
                 due = [p for p in links if p not in self._pulled]  # new connections

@@ -260,6 +260,10 @@ class Host:
     def is_connected(self, peer: ID) -> bool:
         return bool(self.libp2p.get_network().connections.get(peer))
 
+    def connected_peers(self) -> set[str]:
+        """Ids of the peers with a connection (cheap: for loops that poll it)."""
+        return {str(p) for p, conns in self.libp2p.get_network().connections.items() if conns}
+
     def links(self) -> list[PeerLink]:
         """Connected peers; a peer counts as direct when any connection to it is direct."""
         out = []

@@ -137,7 +137,7 @@ class Peering:
                 await trio.sleep(self.config.tick)
 
     def connected(self) -> set[str]:
-        return {link.peer_id for link in self.host.links()}
+        return self.host.connected_peers()
 
     def _upkeep(self, nursery: trio.Nursery, now: float) -> None:
         connected = self.connected()

@@ -42,9 +42,13 @@ class Daemon:
         ]  # fmt: skip
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        self.info = wait_for(
-            lambda: _read_json(runtime), START_TIMEOUT, f"{self.data_dir.name} start", self
-        )
+        try:
+            self.info = wait_for(
+                lambda: _read_json(runtime), START_TIMEOUT, f"{self.data_dir.name} start", self
+            )
+        except BaseException:  # not yet in any fixture's list: do not leave it running
+            self.kill()
+            raise
         return self
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from shoal.errors import Error
 from shoal.node.config import DEFAULT_API, NodeConfig, load_config
 from shoal.node.errors import ConfigError
 from shoal.node.logs import setup_logging
+from shoal.transport.logs import route_libp2p_logs
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 out = Console()
@@ -333,6 +335,7 @@ def generate(
     ] = 20.0,
 ) -> None:
     """Generate text, streaming it as it comes: through a swarm (--bootstrap), or --local."""
+    _client_logging()
     if local:
         _generate_local(
             prompt,
@@ -514,6 +517,7 @@ def demo(
     processes on loopback), generate through it, show the route, and shut it down."""
     from shoal.node.demo import run_demo
 
+    _client_logging()
     try:
         run_demo(prompt, max_tokens=max_tokens, temperature=temperature, workdir=workdir)
     except Error as exc:
@@ -521,6 +525,13 @@ def demo(
     except KeyboardInterrupt:
         err.print("interrupted; every node of the demo was stopped")
         raise typer.Exit(130) from None
+
+
+def _client_logging() -> None:
+    """Commands that print generated text: our warnings go to stderr, py-libp2p's
+    internal errors (a peer's stream that failed and was retried) stay out of the text."""
+    setup_logging("warning")
+    route_libp2p_logs(logging.CRITICAL)
 
 
 def main() -> None:

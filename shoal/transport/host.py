@@ -23,10 +23,10 @@ design/libp2p-notes.md applied here:
    time, so every received message cost the sender's side several frames (idle daemons
    used 10 % of a core each, 6.5 % with this; bulk throughput unchanged,
    docs/benchmarks.md);
-10. a connection on which opening a stream timed out in protocol negotiation is closed
-    (peering dials the peer again): py-libp2p can leave a connection whose far side no
-    longer accepts streams, and then every stream opened on it waits 10 s and fails
-    (thousands of times a minute in a 16-node swarm, scripts/bench/dht.py).
+10. a connection on which opening a stream timed out in protocol negotiation 3 times in
+    a row is closed (peering dials the peer again): py-libp2p can leave a connection
+    whose far side no longer accepts streams, and then every stream opened on it waits
+    10 s and fails.
 
 The host also carries shoal's two call paths: ``rpc`` (a stream per call) and
 ``channels`` (calls multiplexed on one long-lived stream per peer and protocol).
@@ -109,27 +109,41 @@ async def _upgrade_outbound_closing_on_failure(  # type: ignore[no-untyped-def]
 
 _libp2p_swarm.Swarm.upgrade_outbound_raw_conn = _upgrade_outbound_closing_on_failure
 
-# Workaround 10: close connections on which stream negotiation timed out.
+# Workaround 10: close connections on which stream negotiation keeps timing out.
+# Only after STUCK_AFTER timeouts in a row with no stream opened in between: an
+# overloaded peer also times out now and then, and closing its connections at the first
+# timeout fed a loop (redials, gossipsub replaying its recent messages to the "new"
+# peer, more load, more timeouts) that kept a 32-node swarm saturated.
 _new_stream = BasicHost.new_stream
+STUCK_AFTER = 3
+_timeouts: dict[tuple[int, ID], int] = {}
 
 
 async def _new_stream_dropping_stuck_connections(  # type: ignore[no-untyped-def]
     self, peer_id, protocol_ids
 ):
+    key = (id(self), peer_id)
     try:
-        return await _new_stream(self, peer_id, protocol_ids)
+        stream = await _new_stream(self, peer_id, protocol_ids)
     except StreamFailure as exc:
         if isinstance(exc.__cause__, MultiselectClientError) and "timed out" in str(exc.__cause__):
-            conns = list(self.get_network().get_connections(peer_id))
-            log.info(
-                "stream negotiation with %s timed out: closing %d connection(s)",
-                peer_id,
-                len(conns),
-            )
-            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-                for conn in conns:
-                    await _close_quietly(conn)
+            _timeouts[key] = _timeouts.get(key, 0) + 1
+            if _timeouts[key] >= STUCK_AFTER:
+                del _timeouts[key]
+                conns = list(self.get_network().get_connections(peer_id))
+                log.info(
+                    "stream negotiation with %s timed out %d times in a row: closing %d "
+                    "connection(s)",
+                    peer_id,
+                    STUCK_AFTER,
+                    len(conns),
+                )
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                    for conn in conns:
+                        await _close_quietly(conn)
         raise
+    _timeouts.pop(key, None)
+    return stream
 
 
 BasicHost.new_stream = _new_stream_dropping_stuck_connections

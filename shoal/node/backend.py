@@ -387,6 +387,29 @@ class LocalBackend:
             self._slots.release()
 
 
+class PieceMaker:
+    """Token ids -> :class:`Piece` objects: the text they complete, and the finish reason
+    (a stop string, an end-of-sequence token, or the token budget spent)."""
+
+    def __init__(self, text: TextStream, *, eos_ids: tuple[int, ...], max_new_tokens: int) -> None:
+        self._text = text
+        self._eos_ids = eos_ids
+        self._max_new_tokens = max_new_tokens
+        self._count = 0
+
+    def piece(self, token: int) -> Piece:
+        self._count += 1
+        text = self._text.push(token)
+        finish: FinishReason | None = None
+        if self._text.stopped or token in self._eos_ids:
+            finish = "stop"
+        elif self._count >= self._max_new_tokens:
+            finish = "length"
+        if finish is not None:
+            text += self._text.flush()
+        return Piece(token, text, finish)
+
+
 class _LocalPieces:
     """Steps a ``generate()`` iterator on a worker thread, one token per ``__anext__``.
 
@@ -406,11 +429,8 @@ class _LocalPieces:
     ) -> None:
         self._model = model
         self._tokens = tokens
-        self._text = text
-        self._eos_ids = eos_ids
-        self._max_new_tokens = max_new_tokens
+        self._pieces = PieceMaker(text, eos_ids=eos_ids, max_new_tokens=max_new_tokens)
         self._limiter = limiter
-        self._count = 0
         self._done = False
 
     def __aiter__(self) -> _LocalPieces:
@@ -427,14 +447,6 @@ class _LocalPieces:
         except Error as exc:
             self._done = True
             raise GenerationFailed(self._model, str(exc)) from exc
-        self._count += 1
-        text = self._text.push(token)
-        finish: FinishReason | None = None
-        if self._text.stopped or token in self._eos_ids:
-            finish = "stop"
-        elif self._count >= self._max_new_tokens:
-            finish = "length"
-        if finish is not None:
-            self._done = True
-            text += self._text.flush()
-        return Piece(token, text, finish)
+        piece = self._pieces.piece(token)
+        self._done = piece.finish_reason is not None
+        return piece

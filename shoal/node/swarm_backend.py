@@ -20,12 +20,12 @@ import trio
 from shoal.client import SwarmClient
 from shoal.errors import Error
 from shoal.node.backend import (
-    FinishReason,
     GenerationFailed,
     GenerationRequest,
     InvalidRequest,
     ModelInfo,
     Piece,
+    PieceMaker,
     TextStream,
     UnknownModel,
     check_request,
@@ -146,10 +146,7 @@ class _SwarmPieces:
     ) -> None:
         self._model = model
         self._tokens = tokens
-        self._text = text
-        self._eos_ids = eos_ids
-        self._max_new_tokens = max_new_tokens
-        self._count = 0
+        self._pieces = PieceMaker(text, eos_ids=eos_ids, max_new_tokens=max_new_tokens)
         self._done = False
         self._first: int | None = None
 
@@ -176,14 +173,6 @@ class _SwarmPieces:
             token, self._first = self._first, None
         else:
             token = await self._next_token()
-        self._count += 1
-        text = self._text.push(token)
-        finish: FinishReason | None = None
-        if self._text.stopped or token in self._eos_ids:
-            finish = "stop"
-        elif self._count >= self._max_new_tokens:
-            finish = "length"
-        if finish is not None:
-            self._done = True
-            text += self._text.flush()
-        return Piece(token, text, finish)
+        piece = self._pieces.piece(token)
+        self._done = piece.finish_reason is not None
+        return piece

@@ -44,11 +44,9 @@ from shoal.collectives.errors import (
     CollectiveError,
     MalformedMessage,
     NoQuorum,
-    NotAMember,
     OperationFailed,
     Rejected,
     Stalled,
-    ViewMismatch,
 )
 from shoal.collectives.view import View
 from shoal.kernels import codecs
@@ -195,11 +193,7 @@ class AllReduce:
 
     def receive(self, sender: str, data: bytes | memoryview) -> list[Send]:
         try:
-            msg = wire.decode(sender, data, max_bytes=self.max_message_bytes)
-            if sender not in self.view.peers:
-                raise NotAMember(sender, f"not a member of {self.view.tag!r}")
-            if msg.tag != self.view.tag or msg.vh != self.view.vh:
-                raise ViewMismatch(sender, f"operation {msg.tag!r} with another view hash")
+            msg = wire.decode_for(self.view, sender, data, max_bytes=self.max_message_bytes)
         except Rejected as exc:
             self.rejections.append(exc)
             return []

@@ -27,11 +27,9 @@ from shoal.collectives.errors import (
     CollectiveError,
     LeaderFailed,
     MalformedMessage,
-    NotAMember,
     OperationFailed,
     Rejected,
     Stalled,
-    ViewMismatch,
 )
 from shoal.collectives.view import View
 from shoal.kernels import codecs
@@ -78,11 +76,7 @@ class StarAllReduce:
 
     def receive(self, sender: str, data: bytes | memoryview) -> list[Send]:
         try:
-            msg = wire.decode(sender, data, max_bytes=self.max_message_bytes)
-            if sender not in self.view.peers:
-                raise NotAMember(sender, f"not a member of {self.view.tag!r}")
-            if msg.tag != self.view.tag or msg.vh != self.view.vh:
-                raise ViewMismatch(sender, f"operation {msg.tag!r} with another view hash")
+            msg = wire.decode_for(self.view, sender, data, max_bytes=self.max_message_bytes)
         except Rejected as exc:
             self.rejections.append(exc)
             return []

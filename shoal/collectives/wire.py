@@ -15,11 +15,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from shoal.collectives.errors import MalformedMessage, MessageTooLarge
+from shoal.collectives.errors import MalformedMessage, MessageTooLarge, NotAMember, ViewMismatch
 from shoal.transport.errors import FrameError
 from shoal.transport.framing import PREFIX_SIZE, decode_header, encode_frame
+
+if TYPE_CHECKING:
+    from shoal.collectives.view import View
 
 VERSION = 1
 MAX_HEADER = 64 * 1024
@@ -168,3 +171,14 @@ def decode(peer: str, raw: bytes | memoryview, *, max_bytes: int) -> Message:
 def max_message_bytes(max_payload: int) -> int:
     """The frame limit for an operation whose largest payload is ``max_payload`` bytes."""
     return PREFIX_SIZE + MAX_HEADER + max_payload
+
+
+def decode_for(view: View, sender: str, raw: bytes | memoryview, *, max_bytes: int) -> Message:
+    """:func:`decode`, then check that ``sender`` is a member of ``view`` and that the
+    message belongs to this operation (its tag and view hash); raises ``Rejected``."""
+    msg = decode(sender, raw, max_bytes=max_bytes)
+    if sender not in view.peers:
+        raise NotAMember(sender, f"not a member of {view.tag!r}")
+    if msg.tag != view.tag or msg.vh != view.vh:
+        raise ViewMismatch(sender, f"operation {msg.tag!r} with another view hash")
+    return msg

@@ -33,7 +33,6 @@ from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.network.stream.net_stream import INetStream
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
 from libp2p.peer.peerstore import env_to_send_in_RPC
 from libp2p.records.record import make_signed_put_record
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
@@ -125,9 +124,9 @@ async def _exchange(host: IHost, peer: ID, request: Message, what: str) -> Messa
     return reply
 
 
-def _learn_peers(host: IHost, peers: list[Message.Peer], *, providers: bool = False) -> list[ID]:
-    """Peer ids from a reply, with their addresses added to the peer store (to dial them).
-    Closer peers leave us out (we do not ask ourselves); providers keep us in."""
+def _learn_peers(host: IHost, peers: list[Message.Peer]) -> list[ID]:
+    """Peer ids from a reply, with their addresses added to the peer store (to dial them),
+    leaving us out (we do not ask ourselves)."""
     found: list[ID] = []
     for proto in peers:
         try:
@@ -136,8 +135,6 @@ def _learn_peers(host: IHost, peers: list[Message.Peer], *, providers: bool = Fa
         except Exception:  # one bad entry does not spoil the rest of the reply
             continue
         if peer == host.get_id():
-            if providers:
-                found.append(peer)
             continue
         if addrs:
             host.get_peerstore().add_addrs(peer, addrs, LEARNED_ADDR_TTL)
@@ -151,35 +148,6 @@ async def find_node(host: IHost, peer: ID, key: bytes) -> list[ID]:
         host, peer, Message(type=Message.MessageType.FIND_NODE, key=key), "FIND_NODE"
     )
     return _learn_peers(host, list(reply.closerPeers))
-
-
-async def get_providers(host: IHost, peer: ID, key: bytes) -> tuple[list[PeerInfo], list[ID]]:
-    """Providers of ``key`` that ``peer`` stores, and the peers it knows closer to it."""
-    request = Message(type=Message.MessageType.GET_PROVIDERS, key=key)
-    reply = await _exchange(host, peer, request, "GET_PROVIDERS")
-    providers = [
-        PeerInfo(peer_id, host.get_peerstore().addrs(peer_id))
-        for peer_id in _learn_peers(host, list(reply.providerPeers), providers=True)
-    ]
-    return providers, _learn_peers(host, list(reply.closerPeers))
-
-
-async def add_provider(host: IHost, peer: ID, key: bytes) -> None:
-    """Ask ``peer`` to store us as a provider of ``key``; returns once it has (its echo)."""
-    request = Message(type=Message.MessageType.ADD_PROVIDER, key=key)
-    provider = request.providerPeers.add()
-    provider.id = host.get_id().to_bytes()
-    provider.addrs.extend(addr.to_bytes() for addr in host.get_addrs())
-    await _exchange(host, peer, request, "ADD_PROVIDER")
-
-
-async def get_value(host: IHost, peer: ID, key: bytes) -> tuple[bytes | None, list[ID]]:
-    """The value ``peer`` stores under ``key`` (if any) and the peers it knows closer to it."""
-    reply = await _exchange(
-        host, peer, Message(type=Message.MessageType.GET_VALUE, key=key), "GET_VALUE"
-    )
-    value = reply.record.value if reply.HasField("record") and reply.record.value else None
-    return value, _learn_peers(host, list(reply.closerPeers))
 
 
 async def put_value(host: IHost, peer: ID, key: bytes, value: bytes) -> None:

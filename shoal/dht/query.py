@@ -94,7 +94,7 @@ class QueryServer:
     def _find(self, caller: ID, key: bytes, values: bool) -> dict[str, Any]:
         providers = self.dht.provider_store.get_providers(key)[:MAX_PEERS]
         record = self.dht.value_store.get(key) if values else None
-        closer = [p for p in self.dht.routing_table.find_local_closest_peers(key, MAX_PEERS + 1)]
+        closer = self.dht.routing_table.find_local_closest_peers(key, MAX_PEERS + 1)
         peerstore = self.dht.host.get_peerstore()
         return {
             "p": [_peer(info.peer_id, info.addrs) for info in providers],

@@ -10,9 +10,14 @@ keeps serving until ``<dir>/exit`` appears.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import os
+import signal
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,8 +31,10 @@ from shoal.collectives import Member
 from shoal.collectives.driver import DriverConfig, open_collectives
 from shoal.pipeline.config import ModelConfig
 from shoal.pipeline.model import DecoderSpan, Span
-from shoal.training.data import Batches, byte_tokens, shard, split_held_out
+from shoal.training.data import Batches, byte_tokens, held_out_loss, shard, split_held_out
 from shoal.training.diloco import DilocoConfig, DilocoPeer
+from shoal.training.run import RunConfig, RunEvent, TrainingRun
+from shoal.training.runlog import RoundRecord
 from shoal.training.swarm import swarm_round
 from shoal.transport.host import HostConfig, open_host
 
@@ -83,12 +90,37 @@ async def _poll(check: Callable[[], Any], seconds: float) -> Any:
             await trio.sleep(0.05)
 
 
-def make_peer(index: int, count: int, *, inner_steps: int, seed: int) -> DilocoPeer:
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """Wait for test processes to exit (after the test wrote their exit file); kill the rest."""
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def make_peer(
+    index: int,
+    count: int,
+    *,
+    inner_steps: int,
+    seed: int,
+    run_id: str = "run-mp",
+    batch_seed: int | None = None,
+) -> DilocoPeer:
     """Peer ``index`` of ``count``: the shared initial model, its own shard of the corpus."""
     train, _ = split_held_out(byte_tokens(CORPUS.read_bytes()))
-    batches = Batches(shard(train, index, count), batch=4, seq=32, seed=seed * 100 + index)
+    batch_seed = seed * 100 + index if batch_seed is None else batch_seed
+    batches = Batches(shard(train, index, count), batch=4, seq=32, seed=batch_seed)
     config = DilocoConfig(inner_steps=inner_steps, inner_lr=3e-3)
-    return DilocoPeer(tiny_model(seed), batches, config, run_id="run-mp")
+    return DilocoPeer(tiny_model(seed), batches, config, run_id=run_id)
+
+
+def held_out(model: torch.nn.Module) -> float:
+    """Held-out loss of the corpus's tail (64 windows of 32 bytes), nats/byte."""
+    _, tokens = split_held_out(byte_tokens(CORPUS.read_bytes()))
+    return held_out_loss(model, tokens, seq=32, max_windows=64)
 
 
 async def main(cfg: dict[str, Any]) -> None:
@@ -120,5 +152,107 @@ async def main(cfg: dict[str, Any]) -> None:
         await _poll((root / "exit").exists, 120)  # keep serving FETCH until everyone is done
 
 
+# ---- a peer of a whole run (``"mode": "run"``): TrainingRun, churn, joiners ---------
+
+
+class _GatedRun(TrainingRun):
+    """A run whose peer waits before round ``hold_round`` until ``<dir>/release`` exists
+    (the test lets a joiner register first), and SIGKILLs itself at its first all-reduce
+    frame of round ``kill_round`` if it is then the lowest-id member (the coordinator)."""
+
+    hold_round: int | None = None
+    gate: Path | None = None
+
+    async def round(self) -> RoundRecord:
+        if self.gate is not None and self.peer.state.round + 1 == self.hold_round:
+            await _poll(self.gate.exists, 120)
+        return await super().round()
+
+
+async def main_run(cfg: dict[str, Any]) -> None:
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    for name in ("shoal.training", "shoal.collectives"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    root, name = Path(cfg["dir"]), cfg["name"]
+    peer = make_peer(
+        cfg["shard"],
+        cfg["shards"],
+        inner_steps=cfg["inner_steps"],
+        seed=cfg["seed"],
+        run_id="run-churn",
+        batch_seed=cfg.get("batch_seed"),
+    )
+    records: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    holder: dict[str, TrainingRun] = {}
+
+    def kill_hook(to: str, frame: bytes) -> None:
+        run = holder.get("run")
+        if run is None or cfg.get("kill_round") is None:
+            return
+        if run.peer.state.round + 1 == cfg["kill_round"] and run.me == min(run.members):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def report() -> None:
+        run = holder["run"]
+        out = {
+            "peer_id": run.me,
+            "rounds": records,
+            "events": events,
+            "syncs": [dataclasses.asdict(s) for s in run.syncs],
+            "attempts": run.attempts,
+            "state_hash": run.peer.state.state_hash(),
+        }
+        _write_json(root / f"{name}.out.json", out)
+
+    def on_event(event: RunEvent) -> None:
+        if event.kind == "round" and event.record is not None:
+            records.append(event.record.to_data())
+        elif event.kind == "sync" or event.detail in ("joined", "done"):
+            events.append({"kind": event.kind, "round": event.round, "detail": event.detail})
+        else:
+            return
+        report()
+
+    host_config = HostConfig(key_pair=create_new_key_pair(), listen=("/ip4/127.0.0.1/tcp/0",))
+    async with (
+        open_host(host_config) as host,
+        open_collectives(
+            host, DriverConfig(deadline=5.0, timeout=90.0), before_send=kill_hook
+        ) as driver,
+    ):
+        run = _GatedRun(
+            host,
+            driver,
+            peer,
+            RunConfig(
+                run_id="run-churn",
+                rounds=cfg["rounds"],
+                min_members=cfg.get("min_members", 1),
+                ready_timeout=30.0,
+                part_bytes=64 << 10,
+                linger=0.0,
+            ),
+            events=on_event,
+        )
+        run.hold_round = cfg.get("hold_round")
+        run.gate = root / "release" if run.hold_round else None
+        holder["run"] = run
+        _write_json(root / f"{name}.addr.json", {"peer_id": run.me, "addr": host.listen_addrs()[0]})
+        bootstrap = []
+        if cfg.get("bootstrap"):
+            info = await _poll(partial(_read_json, root / f"{cfg['bootstrap']}.addr.json"), 60)
+            await host.connect(info["addr"])
+            bootstrap = [info["peer_id"]]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run.run, bootstrap)
+        out = {"held_out": held_out(peer.model)}
+        report()
+        _write_json(root / f"{name}.final.json", out)
+        await _poll((root / "exit").exists, 120)  # keep serving until everyone is done
+
+
 if __name__ == "__main__":
-    trio.run(main, json.loads(Path(sys.argv[1]).read_text()))
+    config = json.loads(Path(sys.argv[1]).read_text())
+    trio.run(main_run if config.get("mode") == "run" else main, config)

@@ -501,6 +501,101 @@ def _generate_local(
     )
 
 
+@app.command()
+def train(
+    run: Annotated[str, typer.Option(help="the run's name (every peer of a run uses the same)")],
+    data: Annotated[Path, typer.Option(help="training text file (each peer trains on --shard)")],
+    bootstrap: Annotated[
+        list[str] | None,
+        typer.Option("--bootstrap", "-b", help="full multiaddr of a peer of the run (repeatable)"),
+    ] = None,
+    model: Annotated[str, typer.Option(help="shoal-tiny or a model directory")] = "shoal-tiny",
+    inner_steps: Annotated[int, typer.Option(help="H: local AdamW steps per round")] = 50,
+    rounds: Annotated[
+        int | None, typer.Option(help="stop at this round (default: until Ctrl-C)")
+    ] = None,
+    shard: Annotated[int, typer.Option(help="this peer's shard of --data (0-based)")] = 0,
+    shards: Annotated[int, typer.Option(help="how many shards --data is cut into")] = 1,
+    codec: Annotated[str, typer.Option(help="pseudo-gradient codec: fp32, fp16 or int8")] = "fp32",
+    local: Annotated[
+        bool, typer.Option("--local", help="train alone, without a swarm (for comparison)")
+    ] = False,
+    batch: Annotated[int, typer.Option(help="sequences per inner step")] = 8,
+    seq: Annotated[int, typer.Option(help="tokens per sequence")] = 128,
+    lr: Annotated[float, typer.Option(help="inner AdamW learning rate")] = 1e-3,
+    min_peers: Annotated[
+        int, typer.Option(help="a founder's first round waits for this many peers")
+    ] = 1,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="identity and checkpoints (default ~/.shoal)")
+    ] = None,
+    listen: Annotated[
+        list[str] | None, typer.Option(help="multiaddr to listen on (default: any free port)")
+    ] = None,
+    swarm: Annotated[str | None, typer.Option(help="swarm name (default: main)")] = None,
+    swarm_key: Annotated[Path | None, typer.Option(help="pnet key file of a private swarm")] = None,
+    config_file: Annotated[Path | None, typer.Option("--config", help="TOML config file")] = None,
+) -> None:
+    """Train a model with DiLoCo: found a run, join one with --bootstrap, or --local.
+    Checkpoints every round in the data dir; run the same command again to resume."""
+    from shoal.node.train import TrainOptions, check_options, train_local, train_swarm
+
+    if local and bootstrap:
+        _fail("--local trains without a swarm; drop --bootstrap (or drop --local to join)", 2)
+    options = TrainOptions(
+        run=run,
+        data=data,
+        model=model,
+        inner_steps=inner_steps,
+        rounds=rounds,
+        shard=shard,
+        shards=shards,
+        codec=codec,
+        batch=batch,
+        seq=seq,
+        inner_lr=lr,
+        min_peers=min_peers,
+    )
+    try:
+        check_options(options)
+        config = load_config(
+            config_file,
+            {
+                "data_dir": data_dir,
+                "listen": tuple(listen or ("/ip4/0.0.0.0/tcp/0",)),
+                "swarm": swarm,
+                "swarm_key": swarm_key,
+                "log_level": "warning",
+            },
+        )
+    except Error as exc:
+        _fail(str(exc), 2)
+        return
+    setup_logging(config.log_level)
+    route_libp2p_logs(logging.CRITICAL)
+    try:
+        if local:
+            summary = train_local(options, config.data_dir, err)
+        else:
+            summary = trio.run(train_swarm, options, config, err, tuple(bootstrap or ()))
+    except Error as exc:
+        _fail(str(exc), 1)
+        return
+    except KeyboardInterrupt:
+        err.print(
+            "stopped; the last finished round is checkpointed in "
+            f"{config.data_dir / 'train'}: run the same command to resume"
+        )
+        raise typer.Exit(130) from None
+    out.print(
+        f"run {summary['run']}: rounds {summary['start_round']} -> {summary['round']}, "
+        f"held-out loss {summary['held_out_loss']:.4f} nats/token",
+        highlight=False,
+    )
+    out.print(f"state hash {summary['state_hash']}", highlight=False)
+    out.print(f"checkpoint {summary['checkpoint']}", soft_wrap=True, highlight=False)
+
+
 DEMO_PROMPT = "ROMEO:"
 
 

@@ -416,22 +416,32 @@ class TrainingRun:
         """Find the run, adopt the majority's state (downloaded in verified parts unless
         this peer already holds it), and register for the next round."""
         self.member = False
-        with trio.fail_after(self.config.join_timeout):
-            while True:
-                where = await self._hello()
-                round_, members, digest = where
-                if not (self.peer.state.round == round_ and self._hash == digest):
-                    try:
-                        members = await self._sync(members)
-                    except (NoConsensus, SyncFailed) as exc:
-                        log.info("%s: sync failed (%s); asking again", self.me[-8:], exc)
-                        await trio.sleep(0.5)
-                        continue
-                if await self._register(members, self.peer.state.round + 1):
-                    self.member = True
-                    self.members = tuple(sorted(members))
-                    self._emit("phase", self.peer.state.round, "joined", peers=len(members))
-                    return
+        try:
+            with trio.fail_after(self.config.join_timeout):
+                await self._join()
+        except trio.TooSlowError:
+            asked = ", ".join(p[-8:] for p in sorted(self.known)) or "nobody"
+            raise TrainingError(
+                f"could not join run {self.config.run_id!r} within "
+                f"{self.config.join_timeout:.0f}s (asked {asked}); check --run, and that "
+                "--bootstrap names a peer of that run"
+            ) from None
+
+    async def _join(self) -> None:
+        while True:
+            round_, members, digest = await self._hello()
+            if not (self.peer.state.round == round_ and self._hash == digest):
+                try:
+                    members = await self._sync(members)
+                except (NoConsensus, SyncFailed) as exc:
+                    log.info("%s: sync failed (%s); asking again", self.me[-8:], exc)
+                    await trio.sleep(0.5)
+                    continue
+            if await self._register(members, self.peer.state.round + 1):
+                self.member = True
+                self.members = tuple(sorted(members))
+                self._emit("phase", self.peer.state.round, "joined", peers=len(members))
+                return
 
     async def _hello(self) -> tuple[int, tuple[str, ...], str]:
         """(round, members, state hash) of the most advanced member among the known peers."""

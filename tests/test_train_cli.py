@@ -1,0 +1,119 @@
+"""``shoal train --local``: rounds with a checkpoint every round, a resumed run that
+continues the round count and ends bit-identical to an uninterrupted one, and errors that
+say what to do."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from training_peer import CORPUS, TINY, tiny_model
+from typer.testing import CliRunner
+
+from shoal.node.cli import app
+from shoal.pipeline.config import ModelConfig
+from shoal.pipeline.loading import checkpoint_names
+
+runner = CliRunner()
+
+
+def write_checkpoint(directory: Path, config: ModelConfig = TINY) -> Path:
+    """A tiny random model as a Hugging Face checkpoint directory (config + safetensors)."""
+    directory.mkdir(exist_ok=True)
+    model = tiny_model(3, config)
+    (directory / "config.json").write_text(json.dumps(config.to_hf()))
+    names = checkpoint_names(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, param in model.state_dict().items():  # a tied head is the embedding
+        tensors.setdefault(names[name], param.detach().clone().contiguous())
+    save_file(tensors, str(directory / "model.safetensors"))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+def _train(tiny: Path, data_dir: Path, *extra: str) -> str:
+    args = ["train", "--local", "--run", "cli-run", "--model", str(tiny), "--data", str(CORPUS)]
+    args += ["--inner-steps", "6", "--batch", "4", "--seq", "32", "--data-dir", str(data_dir)]
+    result = runner.invoke(app, [*args, *extra])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _checkpoint(data_dir: Path) -> dict[str, str]:
+    path = data_dir / "train" / "cli-run" / "checkpoint.safetensors"
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata())
+
+
+def _loss(output: str) -> float:
+    match = re.search(r"held-out loss ([0-9.]+)", output)
+    assert match, output
+    return float(match.group(1))
+
+
+def test_local_training_checkpoints_and_resumes_where_it_stopped(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    first = _train(tiny_dir, tmp_path / "a", "--rounds", "2")
+    assert "rounds 0 -> 2" in first
+    after_two = _checkpoint(tmp_path / "a")
+    assert after_two["round"] == "2" and after_two["run_id"] == "cli-run"
+    assert f"state hash {after_two['state_hash']}" in first
+
+    resumed = _train(tiny_dir, tmp_path / "a", "--rounds", "4")
+    assert "resuming run cli-run at round 2" in resumed and "rounds 2 -> 4" in resumed
+    after_four = _checkpoint(tmp_path / "a")
+    assert after_four["round"] == "4" and after_four["state_hash"] != after_two["state_hash"]
+
+    # the inner AdamW state and the data position are checkpointed too, so the resumed
+    # run is bit-identical to one that never stopped
+    straight = _train(tiny_dir, tmp_path / "b", "--rounds", "4")
+    assert "rounds 0 -> 4" in straight
+    assert _checkpoint(tmp_path / "b")["state_hash"] == after_four["state_hash"]
+    assert _loss(resumed) == _loss(straight) < _loss(first)
+
+    # nothing left to do: says so, and changes nothing
+    again = _train(tiny_dir, tmp_path / "a", "--rounds", "4")
+    assert "already at round 4" in again
+    assert _checkpoint(tmp_path / "a")["state_hash"] == after_four["state_hash"]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--local", "--bootstrap", "/ip4/127.0.0.1/tcp/1/p2p/x"], 2, "drop --bootstrap"),
+        (["--local", "--shard", "3", "--shards", "3"], 2, "must be in 0..2"),
+        (["--local", "--codec", "fp8"], 2, "use one of"),
+        (["--local", "--seq", "4096"], 1, "pass a smaller --seq"),
+    ],
+)
+def test_bad_options_say_what_to_do(
+    tiny_dir: Path, tmp_path: Path, args: list[str], code: int, message: str
+) -> None:
+    base = ["train", "--run", "r", "--model", str(tiny_dir), "--data", str(CORPUS)]
+    result = runner.invoke(app, [*base, *args, "--data-dir", str(tmp_path)])
+    assert result.exit_code == code, result.output
+    assert message in " ".join(result.output.split())
+
+
+def test_missing_data_and_a_checkpoint_of_another_model(tiny_dir: Path, tmp_path: Path) -> None:
+    base = ["train", "--local", "--run", "cli-run", "--data-dir", str(tmp_path)]
+    result = runner.invoke(app, [*base, "--model", str(tiny_dir), "--data", str(tmp_path / "no")])
+    assert result.exit_code == 1 and "cannot read --data" in result.output
+    _train(tiny_dir, tmp_path, "--rounds", "1")
+    other = write_checkpoint(tmp_path / "other", dataclasses.replace(TINY, intermediate_size=96))
+    result = runner.invoke(
+        app, [*base, "--model", str(other), "--data", str(CORPUS), "--rounds", "2"]
+    )
+    assert result.exit_code == 1
+    assert "written for another model" in " ".join(result.output.split())

@@ -157,8 +157,9 @@ async def main(cfg: dict[str, Any]) -> None:
 
 class _GatedRun(TrainingRun):
     """A run whose peer waits before round ``hold_round`` until ``<dir>/release`` exists
-    (the test lets a joiner register first), and SIGKILLs itself at its first all-reduce
-    frame of round ``kill_round`` if it is then the lowest-id member (the coordinator)."""
+    (the test lets a joiner register first). With ``kill_round``, the peer SIGKILLs
+    itself at its first all-reduce frame of that round if it is then the lowest-id member
+    (``"kill": "coordinator"``) or the highest (``"member"``)."""
 
     hold_round: int | None = None
     gate: Path | None = None
@@ -191,7 +192,8 @@ async def main_run(cfg: dict[str, Any]) -> None:
         run = holder.get("run")
         if run is None or cfg.get("kill_round") is None:
             return
-        if run.peer.state.round + 1 == cfg["kill_round"] and run.me == min(run.members):
+        victim = min(run.members) if cfg.get("kill") == "coordinator" else max(run.members)
+        if run.peer.state.round + 1 == cfg["kill_round"] and run.me == victim:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def report() -> None:

@@ -123,11 +123,11 @@ async def _shoal_main(args: argparse.Namespace) -> None:
                 await driver.all_reduce(barrier, tick, star=True)
                 view = make_view(f"bench/{codec}/{i}", members, x.shape, codec=codec)
                 sent = driver.bytes_sent
-                t0 = time.time()
+                c0, t0 = time.process_time(), time.time()
                 result = await driver.all_reduce(view, x)
-                t1 = time.time()
+                t1, c1 = time.time(), time.process_time()
                 if i:
-                    rounds.append((t0, t1, driver.bytes_sent - sent, result.digest.hex()))
+                    rounds.append((t0, t1, driver.bytes_sent - sent, result.digest.hex(), c1 - c0))
             out[codec] = {"rounds": rounds}
         # a last barrier: nobody leaves while another still fetches from it
         await driver.all_reduce(make_view("barrier/end", members, (1,)), tick, star=True)
@@ -230,7 +230,9 @@ def main() -> None:
         gloo = _round_times(_launch("gloo", args, Path(tmp) / "gloo"))
         shoal_outs = _launch("shoal", args, Path(tmp) / "shoal")
     gloo_s = statistics.median(gloo)
-    rows = [("gloo all_reduce (fp32, sum)", gloo, gloo_s, None)]
+    rows: list[tuple[str, list[float], float, float | None, float | None]] = [
+        ("gloo all_reduce (fp32, sum)", gloo, gloo_s, None, None)
+    ]
     report: dict[str, Any] = {"gloo": gloo}
     for codec in args.codecs.split(","):
         outs = [o[codec] for o in shoal_outs]
@@ -238,20 +240,21 @@ def main() -> None:
         digests = {r[3] for o in outs for r in o["rounds"][-1:]}
         assert len(digests) == 1, "peers disagree on the result"
         sent = statistics.median(r[2] for o in outs for r in o["rounds"]) / MIB
-        rows.append((f"shoal all-reduce {codec}", times, statistics.median(times), sent))
-        report[codec] = {"times": times, "mib_sent_per_peer": sent}
+        cpu = statistics.median(r[4] for o in outs for r in o["rounds"])
+        rows.append((f"shoal all-reduce {codec}", times, statistics.median(times), sent, cpu))
+        report[codec] = {"times": times, "mib_sent_per_peer": sent, "cpu_s_per_peer": cpu}
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(
         f"\n{args.peers} processes, {args.mib} MiB fp32 each, {os.cpu_count()} CPUs, "
         f"{platform.python_version()}, torch {torch.__version__}, {stamp}\n"
     )
-    print("| system | rounds, s | median, s | x gloo | MiB sent per peer |")
-    print("|---|---|---|---|---|")
-    for name, times, med, sent in rows:
+    print("| system | rounds, s | median, s | x gloo | MiB sent per peer | CPU s per peer |")
+    print("|---|---|---|---|---|---|")
+    for name, times, med, sent, cpu in rows:
         ratio = f"{med / gloo_s:.1f}x" if sent is not None else "1x"
         print(
             f"| {name} | {', '.join(f'{t:.2f}' for t in times)} | {med:.2f} | {ratio} | "
-            f"{'' if sent is None else f'{sent:.0f}'} |"
+            f"{'' if sent is None else f'{sent:.0f}'} | {'' if cpu is None else f'{cpu:.2f}'} |"
         )
     if args.profile:
         raw = Path(args.profile) / "shoal-rank0.txt"

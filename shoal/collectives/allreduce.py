@@ -49,7 +49,6 @@ from shoal.collectives.errors import (
     Stalled,
 )
 from shoal.collectives.view import View
-from shoal.kernels import codecs
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +92,7 @@ class AllReduceResult:
     chunk_digests: tuple[bytes, ...]
 
 
-def digest(payload: bytes | memoryview) -> bytes:
+def digest(payload: wire.Payload) -> bytes:
     return hashlib.blake2b(payload, digest_size=16).digest()
 
 
@@ -101,14 +100,21 @@ def reduce_chunk(
     view: View, contributors: tuple[str, ...], slots: Mapping[str, torch.Tensor]
 ) -> torch.Tensor:
     """The canonical reduction: sum of w_i * x_i in sorted peer order, in fp32, divided by
-    the sum of the weights (accumulated in fp32 in the same order)."""
+    the sum of the weights (accumulated in fp32 in the same order). In place on one
+    accumulator; each product and each sum is rounded on its own (no fused ops), and a
+    weight of 1 skips the product, which is exact then."""
     acc = torch.zeros_like(slots[contributors[0]])
+    scratch: torch.Tensor | None = None
     total = torch.zeros((), dtype=torch.float32)
     for peer in sorted(contributors):
         w = view.weight(peer)
-        acc = acc + slots[peer] * w
+        if w == 1.0:
+            acc.add_(slots[peer])
+        else:
+            scratch = torch.empty_like(acc) if scratch is None else scratch
+            acc.add_(torch.mul(slots[peer], w, out=scratch))
         total = total + w
-    return acc / total
+    return acc.div_(total)
 
 
 @dataclass(slots=True)
@@ -142,7 +148,7 @@ class AllReduce:
         self._bad: set[str] = set()  # members whose contribution this peer refused
         self._deadlines = 0
         # member: its encoded contribution per chunk, and where it went
-        self._mine: list[tuple[dict[str, Any], bytes]] | None = None
+        self._mine: list[tuple[dict[str, Any], wire.Payload]] | None = None
         self._abstained = False
         self._sent: set[tuple[int, str]] = set()
         self._promised = 0
@@ -151,8 +157,8 @@ class AllReduce:
         self._contributors = frozenset(view.peers)
         # owner: decoded contributions, reduced chunks, replication
         self._slots: dict[int, dict[str, torch.Tensor]] = {}
-        self._reduced: dict[tuple[int, frozenset[str]], tuple[bytes, bytes]] = {}
-        self._store: dict[tuple[int, bytes], bytes] = {}
+        self._reduced: dict[tuple[int, frozenset[str]], tuple[wire.Payload, bytes]] = {}
+        self._store: dict[tuple[int, bytes], wire.Payload] = {}
         self._awaiting_ack: dict[int, tuple[bytes, str]] = {}
         self._acked: set[tuple[int, bytes, str]] = set()
         # acceptor and learner
@@ -217,7 +223,9 @@ class AllReduce:
         out, self._out = self._out, []
         return out
 
-    def _send(self, to: str, kind: str, fields: Mapping[str, Any], payload: bytes = b"") -> None:
+    def _send(
+        self, to: str, kind: str, fields: Mapping[str, Any], payload: wire.Payload = b""
+    ) -> None:
         if to == self.me:
             self._local.append(wire.Message(kind, self.view.tag, self.view.vh, fields, payload))
         elif to not in self._suspected:
@@ -402,8 +410,8 @@ class AllReduce:
         key = (c, S)
         if key not in self._reduced:
             reduced = reduce_chunk(self.view, tuple(sorted(S)), slots)
-            _, payload = chunk_codec.encode_chunk(reduced, self.view.codec, self.view.block)
-            self._reduced[key] = (payload, digest(payload))
+            _, encoded = chunk_codec.encode_chunk(reduced, self.view.codec, self.view.block)
+            self._reduced[key] = (encoded, digest(encoded))
         payload, h = self._reduced[key]
         self._store[(c, h)] = payload
         backup = self.view.backup(c, S)
@@ -425,7 +433,7 @@ class AllReduce:
         if digest(msg.payload) != h:
             self._reject(MalformedMessage(sender, f"REPL of chunk {c} does not match its digest"))
             return
-        self._store[(c, h)] = bytes(msg.payload)
+        self._store[(c, h)] = msg.payload  # a view of the received frame, not a copy
         self._send(sender, "REPL_ACK", {"c": c, "h": h})
 
     def _on_repl_ack(self, sender: str, msg: wire.Message) -> None:
@@ -471,7 +479,7 @@ class AllReduce:
             self._reject(MalformedMessage(sender, f"chunk {c} does not match the chosen digest"))
             self._fetch_next(c)
             return
-        self._store[(c, h)] = bytes(msg.payload)
+        self._store[(c, h)] = msg.payload
         del self._fetch[c]
         self._maybe_complete()
 
@@ -492,16 +500,14 @@ class AllReduce:
         if any(p is None for p in payloads):
             return
         view = self.view
-        parts = []
+        tensor = torch.empty(view.numel, dtype=torch.float32)
         for c, payload in enumerate(payloads):
             assert payload is not None
-            n = view.chunk_len(c)
-            header = chunk_codec.expected_header(view.codec, n, view.block, payload)
-            parts.append(codecs.decode(header, payload).float().reshape(-1))
-        tensor = torch.cat(parts).reshape(view.shape)
+            lo, hi = view.chunk(c)
+            chunk_codec.decode_into(tensor[lo:hi], payload, view.codec, view.block)
         self.result = AllReduceResult(
             view.tag,
-            tensor,
+            tensor.reshape(view.shape),
             d.contributors,
             hashlib.sha256(tensor.numpy().data).digest(),  # the buffer, no copy
             d.digests,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+import numpy as np
 import torch
 
 from shoal.collectives.errors import BadContribution
@@ -47,32 +48,86 @@ def payload_nbytes(codec: str, n: int, block: int) -> int:
     return 4 * -(-n // block) + n
 
 
-def encode_chunk(values: torch.Tensor, codec: str, block: int) -> tuple[dict[str, Any], bytes]:
-    """A 1-D fp32 chunk -> (kernels codec header, payload)."""
+def encode_chunk(
+    values: torch.Tensor, codec: str, block: int
+) -> tuple[dict[str, Any], bytes | bytearray]:
+    """A 1-D fp32 chunk -> (kernels codec header, payload): the bytes and header of
+    ``shoal.kernels.codecs.encode``; int8 is computed here with fewer passes and
+    temporaries (:func:`_int8_block`, checked equal byte for byte in the tests)."""
     kind, dtype = _WIRE[codec]
-    return codecs.encode(values, codec=kind, dtype=dtype, block=block)
-
-
-def expected_header(codec: str, n: int, block: int, payload: bytes | memoryview) -> dict[str, Any]:
-    """The header a well-formed chunk of ``n`` elements has (used to decode committed
-    chunks whose bytes are already pinned by a digest)."""
-    kind, dtype = _WIRE[codec]
-    header: dict[str, Any] = {
-        "dtype": str(dtype).removeprefix("torch."),
-        "shape": [n],
+    if codec != "int8":
+        return codecs.encode(values, codec=kind, dtype=dtype, block=block)
+    payload = _int8_block(values.detach().to("cpu", torch.float32).contiguous(), block)
+    header = {
+        "dtype": "float32",
+        "shape": [values.numel()],
         "codec": kind,
-        "nbytes": payload_nbytes(codec, n, block),
+        "nbytes": len(payload),
         "checksum": zlib.crc32(payload),
+        "block": block,
     }
-    if kind == "int8_block":
-        header["block"] = block
-    return header
+    return header, payload
+
+
+def _int8_block(flat: torch.Tensor, block: int) -> bytearray:
+    """``codecs.encode(flat, codec="int8_block")``'s payload, written in place: per block
+    scale = absmax / 127 (fp32), code = round(x / max(scale, tiny)) clamped to ±127, the
+    scales then the codes. The same fp32 operations as the kernel, so the same bytes,
+    written straight into the payload: no padding copy, the codes rounded and clamped in
+    place in one scratch buffer."""
+    n = flat.numel()
+    n_blocks = -(-n // block)
+    payload = bytearray(4 * n_blocks + n)
+    if n == 0:
+        return payload
+    scales = torch.frombuffer(payload, dtype=torch.float32, count=n_blocks)
+    codes = torch.frombuffer(payload, dtype=torch.int8, offset=4 * n_blocks)
+    full = n // block
+    tiny = torch.finfo(torch.float32).tiny
+    for lo, hi, rows in ((0, full * block, full), (full * block, n, 1)):
+        if lo == hi:
+            continue
+        values = flat[lo:hi].view(rows, hi - lo if rows == 1 else block)
+        b0 = lo // block
+        s = scales[b0 : b0 + rows]
+        torch.amax(values.abs(), dim=1, out=s)
+        s.div_(127)
+        q = torch.div(values, s.clamp(min=tiny)[:, None])
+        codes[lo:hi].view_as(q).copy_(q.round_().clamp_(-127, 127))
+    return payload
+
+
+def decode_into(
+    out: torch.Tensor, payload: bytes | bytearray | memoryview, codec: str, block: int
+) -> None:
+    """Decode a committed chunk (its bytes already pinned by the chosen digest) straight
+    into ``out`` (a contiguous 1-D fp32 slice of the result): no checksum and no copy
+    between the wire bytes and the result. The values equal ``codecs.decode`` followed by
+    ``.float()``: fp32 and fp16 -> fp32 are exact, and int8 is ``code * scale`` rounded
+    once per element in fp32, as :mod:`shoal.kernels.codecs` computes it."""
+    n = out.numel()
+    if len(payload) != payload_nbytes(codec, n, block):
+        raise ValueError(f"a {codec} chunk of {n} elements cannot be {len(payload)} bytes")
+    dst = out.numpy()  # shares out's memory; numpy reads read-only buffers without a copy
+    if codec == "fp32":
+        dst[:] = np.frombuffer(payload, dtype="<f4")
+        return
+    if codec == "fp16":
+        dst[:] = np.frombuffer(payload, dtype="<f2")
+        return
+    n_blocks = -(-n // block)
+    dst[:] = np.frombuffer(payload, dtype=np.int8, offset=4 * n_blocks)
+    scales = torch.from_numpy(np.frombuffer(payload, dtype="<f4", count=n_blocks).copy())
+    full = n // block * block
+    out[:full].view(-1, block).mul_(scales[: n // block, None])
+    if full < n:
+        out[full:].mul_(scales[-1])
 
 
 def decode_chunk(
     peer: str,
     header: Any,
-    payload: bytes | memoryview,
+    payload: bytes | bytearray | memoryview,
     *,
     codec: str,
     n: int,
@@ -96,9 +151,13 @@ def decode_chunk(
     if len(payload) != payload_nbytes(codec, n, block):
         raise BadContribution(peer, "nbytes", f"{len(payload)} bytes for {n} elements")
     try:
-        values = codecs.decode(header, payload, max_elements=n).float().reshape(-1)
+        codecs.expected_nbytes(header, max_elements=n)
     except CodecError as exc:
         raise BadContribution(peer, exc.field, str(exc)) from exc
+    if zlib.crc32(payload) != header.get("checksum"):
+        raise BadContribution(peer, "checksum", "the payload's crc32 does not match the header")
+    values = torch.empty(n, dtype=torch.float32)
+    decode_into(values, payload, codec, block)
     if not all_finite(values):
         raise BadContribution(peer, "nonfinite", "NaN or infinity in the contribution")
     return values

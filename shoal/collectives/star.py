@@ -32,7 +32,6 @@ from shoal.collectives.errors import (
     Stalled,
 )
 from shoal.collectives.view import View
-from shoal.kernels import codecs
 
 
 class StarAllReduce:
@@ -112,7 +111,9 @@ class StarAllReduce:
         out, self._out = self._out, []
         return out
 
-    def _deliver(self, to: str, kind: str, fields: Mapping[str, Any], payload: bytes) -> None:
+    def _deliver(
+        self, to: str, kind: str, fields: Mapping[str, Any], payload: wire.Payload
+    ) -> None:
         if to == self.me:
             self._deliver_local(
                 self.me, wire.Message(kind, self.view.tag, self.view.vh, fields, payload)
@@ -174,9 +175,9 @@ class StarAllReduce:
         if not contributors or not set(contributors) <= set(self.view.peers):
             self.rejections.append(MalformedMessage(sender, "result names unknown contributors"))
             return
-        payload = bytes(msg.payload)
-        header = chunk_codec.expected_header(self.view.codec, self.numel, self.view.block, payload)
-        tensor = codecs.decode(header, payload).float().reshape(self.view.shape)
+        flat = torch.empty(self.numel, dtype=torch.float32)
+        chunk_codec.decode_into(flat, msg.payload, self.view.codec, self.view.block)
+        tensor = flat.reshape(self.view.shape)
         self.result = AllReduceResult(
             self.view.tag,
             tensor,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from shoal.collectives.errors import MalformedMessage, MessageTooLarge, NotAMember, ViewMismatch
 from shoal.transport.errors import FrameError
-from shoal.transport.framing import PREFIX_SIZE, decode_header, encode_frame
+from shoal.transport.framing import PREFIX_SIZE, decode_header, encode_header
 
 if TYPE_CHECKING:
     from shoal.collectives.view import View
@@ -29,6 +29,8 @@ MAX_HEADER = 64 * 1024
 _PREFIX = struct.Struct(">I")
 
 Check = Callable[[Any], bool]
+#: a payload as built (bytes, or an int8 chunk written in place) or received (a view)
+Payload = bytes | bytearray | memoryview
 
 
 def _int(v: Any) -> bool:
@@ -112,14 +114,15 @@ class Message:
     tag: str
     vh: bytes
     fields: Mapping[str, Any]
-    payload: bytes | memoryview = b""
+    payload: Payload = b""
 
 
 def encode(
-    kind: str, tag: str, vh: bytes, fields: Mapping[str, Any], payload: bytes = b""
+    kind: str, tag: str, vh: bytes, fields: Mapping[str, Any], payload: Payload = b""
 ) -> bytes:
+    """One frame; the payload is copied once, into the frame (it may be a view)."""
     header = {"t": kind, "v": VERSION, "o": tag, "vh": vh, **fields}
-    return encode_frame(header, payload)
+    return b"".join((encode_header(header, len(payload)), payload))
 
 
 def header_of(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import pytest
 import torch
@@ -109,7 +110,7 @@ async def test_bad_requests_get_typed_errors_and_the_server_keeps_serving() -> N
         server.publish(_state(5), [str(server_host.peer_id)])  # round 3 is dropped
         server.serve(server_host.channels)
         peer = server_host.peer_id
-        cases = [
+        cases: list[tuple[dict[str, Any], str]] = [
             ({"t": "part", "run": RUN, "round": "4", "index": 0}, "bad_request"),
             ({"t": "part", "run": RUN, "round": 4, "index": 45}, "bad_request"),
             ({"t": "part", "run": RUN, "round": 4, "index": -1}, "bad_request"),

@@ -376,6 +376,9 @@ class TrainingRun:
 
     async def _coordinate(self, r: int, attempt: int, candidates: Sequence[str]) -> Decision:
         key = (r, attempt)
+        decided = self._decisions.get(key)
+        if decided is not None:  # decided before this peer resynced: not again
+            raise Behind(f"round {r} attempt {attempt} was decided without this peer")
         self._roles[key] = self.me
         barrier = self._barrier(key)
         barrier.min_members = self._min_members
@@ -432,7 +435,7 @@ class TrainingRun:
             round_, members, digest = await self._hello()
             if not (self.peer.state.round == round_ and self._hash == digest):
                 try:
-                    members = await self._sync(members)
+                    members = await self._sync(members, round_)
                 except (NoConsensus, SyncFailed) as exc:
                     log.info("%s: sync failed (%s); asking again", self.me[-8:], exc)
                     await trio.sleep(0.5)
@@ -442,6 +445,7 @@ class TrainingRun:
                 self.members = tuple(sorted(members))
                 self._emit("phase", self.peer.state.round, "joined", peers=len(members))
                 return
+            await trio.sleep(0.2)  # the next round was decided without us: sync its result
 
     async def _hello(self) -> tuple[int, tuple[str, ...], str]:
         """(round, members, state hash) of the most advanced member among the known peers."""
@@ -471,11 +475,11 @@ class TrainingRun:
         except (RemoteError, KeyError, TypeError, ValueError) as exc:
             log.debug("hello to %s: %r", peer, exc)
 
-    async def _sync(self, members: Sequence[str]) -> tuple[str, ...]:
+    async def _sync(self, members: Sequence[str], round_: int) -> tuple[str, ...]:
         self._emit("phase", self.peer.state.round, "downloading the state")
         peers = [p for p in members if p != self.me and self._alive(p)]
         manifest, holders, members = await agreed_manifest(
-            self.host.channels, peers, self.config.run_id
+            self.host.channels, peers, self.config.run_id, round_=round_
         )
         state, fetch = await fetch_state(
             self.host.channels, manifest, holders, self.peer.state.layout
@@ -501,16 +505,17 @@ class TrainingRun:
 
     async def _register(self, members: Sequence[str], r: int) -> bool:
         """Ask the coordinator to expect this peer in round ``r``; False: too late (the
-        run moved on; sync again)."""
+        run moved on; sync again). A peer listed among the members of round ``r - 1``
+        (it diverged, or restarted with its identity) waits for a round without it: the
+        others may still count on it for round ``r``, which it did not prepare."""
+        if self.me in members:
+            return False
         suspects: set[str] = set()
         while True:
             alive = [p for p in members if p not in suspects and self._alive(p)]
             chosen = coordinator(members, alive)
             if chosen is None:
                 return False
-            if chosen == self.me:  # a member that resynced and finds itself the lowest
-                self._joiners.setdefault(r, set())
-                return True
             body = {
                 "t": "join",
                 "run": self.config.run_id,

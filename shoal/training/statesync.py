@@ -5,8 +5,9 @@ many calls multiplexed on one stream per peer). Requests are msgpack bodies with
 payload (the request limit is 4 KiB, checked by the frame decoder before anything is
 allocated):
 
-- ``{"t": "manifest", "run": RUN}`` -> body ``{"manifest": Manifest.to_data(),
-  "members": [peer ids of that round]}``;
+- ``{"t": "manifest", "run": RUN}`` (optionally ``"round": R``) -> body
+  ``{"manifest": Manifest.to_data(), "members": [peer ids of that round]}`` of the latest
+  round (or of round R);
 - ``{"t": "part", "run": RUN, "round": R, "index": I}`` -> the raw bytes of part I of the
   state at round R (payload; at most ``part_bytes``).
 
@@ -102,6 +103,13 @@ class StateServer:
     def serve(self, channels: Channels) -> None:
         channels.serve(STATE_PROTOCOL, self.rpc_state)
 
+    def _held(self, round_: int) -> Export:
+        export = self.exports.get(round_)
+        if export is None:
+            held = ", ".join(map(str, sorted(self.exports)))
+            raise RpcError("gone", f"round {round_} is not held here (holding {held})")
+        return export
+
     async def rpc_state(self, peer: ID, request: Message) -> Message:
         return self.handle(request.body)
 
@@ -113,15 +121,13 @@ class StateServer:
             raise RpcError("unknown_run", f"this peer serves no state of run {run[:80]!r}")
         if kind == "manifest":
             export = self.latest()
+            if "round" in body:
+                export = self._held(_field(body, "round", int))
             assert export is not None
             return Message({"manifest": export.manifest.to_data(), "members": export.members})
         if kind == "part":
-            round_ = _field(body, "round", int)
+            export = self._held(_field(body, "round", int))
             index = _field(body, "index", int)
-            export = self.exports.get(round_)
-            if export is None:
-                held = ", ".join(map(str, sorted(self.exports)))
-                raise RpcError("gone", f"round {round_} is not held here (holding {held})")
             if not 0 <= index < len(export.parts):
                 raise RpcError("bad_request", f"part {index} is not in 0..{len(export.parts) - 1}")
             self.served_parts += 1
@@ -130,12 +136,14 @@ class StateServer:
 
 
 async def call_manifest(
-    channels: Channels, peer: str, run_id: str
+    channels: Channels, peer: str, run_id: str, round_: int | None = None
 ) -> tuple[Manifest, tuple[str, ...]]:
-    """``peer``'s latest manifest of ``run_id`` and that round's members."""
-    reply = await channels.call(
-        ID.from_base58(peer), STATE_PROTOCOL, Message({"t": "manifest", "run": run_id})
-    )
+    """``peer``'s manifest of ``run_id`` (its latest, or of ``round_``) and that round's
+    members."""
+    body: dict[str, object] = {"t": "manifest", "run": run_id}
+    if round_ is not None:
+        body["round"] = round_
+    reply = await channels.call(ID.from_base58(peer), STATE_PROTOCOL, Message(body))
     try:
         manifest = Manifest.from_data(reply.body["manifest"])
         members = tuple(str(m) for m in reply.body["members"])
@@ -154,9 +162,14 @@ async def call_part(channels: Channels, peer: str, run_id: str, round_: int, ind
 
 
 async def agreed_manifest(
-    channels: Channels, peers: Sequence[str], run_id: str, *, patience: float = 20.0
+    channels: Channels,
+    peers: Sequence[str],
+    run_id: str,
+    *,
+    round_: int | None = None,
+    patience: float = 20.0,
 ) -> tuple[Manifest, list[str], tuple[str, ...]]:
-    """Ask every peer for its manifest; returns the manifest of the latest round that a
+    """Ask every peer for its manifest (its latest, or of ``round_``); returns the manifest of the latest round that a
     strict majority of that round's members report (same state hash), the peers that
     hold it, and that round's members. Raises :class:`NoConsensus` when no round has
     such a majority (peers caught between two rounds: ask again)."""
@@ -164,7 +177,7 @@ async def agreed_manifest(
 
     async def ask(peer: str) -> None:
         try:
-            answers[peer] = await call_manifest(channels, peer, run_id)
+            answers[peer] = await call_manifest(channels, peer, run_id, round_)
         except RemoteError as exc:
             log.info("no manifest of %s from %s: %s", run_id, peer, exc)
 

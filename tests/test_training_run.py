@@ -1,0 +1,142 @@
+"""TrainingRun among three real hosts in one process (loopback): a peer whose state
+diverged by one ulp is named by the coordinator, resyncs from the majority and is back
+in the run two rounds later; the run's records and the serving side's typed errors."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import pytest
+import torch
+import trio
+from conftest import loopback_host
+from training_peer import make_peer
+
+from shoal.collectives.driver import DriverConfig, open_collectives
+from shoal.training.diloco import DilocoPeer, OuterState
+from shoal.training.run import ROUND_PROTOCOL, RunConfig, RunEvent, TrainingRun
+from shoal.training.runlog import RoundRecord
+from shoal.transport.errors import RemoteError
+from shoal.transport.rpc import Message
+
+RUN = "run-inproc"
+ROUNDS, DIVERGE_AFTER = 6, 2
+
+
+def _diverge_after(peer: DilocoPeer, round_: int) -> None:
+    """After round ``round_``'s outer step, one parameter of ``peer`` moves by one ulp."""
+    outer = peer.outer_phase
+
+    def outer_phase(average: torch.Tensor, members: Any, **kw: Any) -> RoundRecord:
+        record = outer(average, members, **kw)
+        if record.round == round_:
+            state = peer.state
+            params = state.params.clone()
+            params[0] = torch.nextafter(params[0], torch.tensor(float("inf")))
+            peer.adopt(OuterState(state.layout, params, state.momentum, state.round))
+            record = dataclasses.replace(record, state_hash=peer.state.state_hash())
+        return record
+
+    peer.outer_phase = outer_phase  # type: ignore[method-assign]
+
+
+@pytest.mark.trio
+async def test_a_diverged_peer_resyncs_from_the_majority_and_rejoins() -> None:
+    torch.set_num_threads(1)
+    records: dict[int, list[RoundRecord]] = {0: [], 1: [], 2: []}
+
+    def collect(i: int) -> Callable[[RunEvent], None]:
+        def on_event(event: RunEvent) -> None:
+            if event.kind == "round" and event.record is not None:
+                records[i].append(event.record)
+
+        return on_event
+
+    config = RunConfig(run_id=RUN, rounds=ROUNDS, min_members=3, part_bytes=64 << 10, linger=1.0)
+    async with AsyncExitStack() as stack:
+        hosts = [await stack.enter_async_context(loopback_host()) for _ in range(3)]
+        drivers = [
+            await stack.enter_async_context(
+                open_collectives(h, DriverConfig(deadline=5.0, timeout=60.0))
+            )
+            for h in hosts
+        ]
+        peers = [make_peer(i, 3, inner_steps=20, seed=11, run_id=RUN) for i in range(3)]
+        _diverge_after(peers[2], DIVERGE_AFTER)
+        runs = [
+            TrainingRun(h, d, p, config, events=collect(i))
+            for i, (h, d, p) in enumerate(zip(hosts, drivers, peers, strict=True))
+        ]
+        for host in hosts[1:]:
+            await host.connect(hosts[0].listen_addrs()[0])
+        with trio.fail_after(45):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(runs[0].run, ())
+                for run in runs[1:]:
+                    nursery.start_soon(run.run, [runs[0].me])
+    ids = sorted(run.me for run in runs)
+    honest = [records[0], records[1]]
+    for r in range(1, ROUNDS + 1):
+        hashes = {recs[r - 1].state_hash for recs in honest}
+        assert len(hashes) == 1, r
+        assert [rec.round for rec in honest[0]] == list(range(1, ROUNDS + 1))
+    by_round = {rec.round: rec for rec in records[2]}
+    # rounds 1-2 with everyone; the diverged peer reported another hash for round 2
+    assert by_round[1].state_hash == honest[0][0].state_hash
+    assert by_round[2].state_hash != honest[0][1].state_hash
+    assert honest[0][0].members == tuple(ids) and honest[0][1].members == tuple(ids)
+    # round 3 went on without it; it downloaded the majority's state and came back
+    assert runs[2].me not in honest[0][2].members and len(honest[0][2].members) == 2
+    # (it fetches the majority's round 2, then, if the others are faster than its
+    # download, later rounds until it registers in time for the next one)
+    assert runs[2].syncs and runs[2].syncs[0].round == DIVERGE_AFTER
+    for sync in runs[2].syncs:
+        assert sync.state_hash == honest[0][sync.round - 1].state_hash
+        assert set(sync.parts_from) <= {runs[0].me, runs[1].me} and not sync.refused
+        assert sum(sync.parts_from.values()) == 12
+    sync = runs[2].syncs[-1]
+    back = min((r for r in by_round if r > DIVERGE_AFTER), default=ROUNDS + 1)
+    assert back == sync.round + 1 <= ROUNDS
+    for r in range(back, ROUNDS + 1):
+        assert by_round[r].state_hash == honest[0][r - 1].state_hash
+        assert honest[0][r - 1].members == tuple(ids)
+    assert runs[0].peer.state.state_hash() == runs[2].peer.state.state_hash()
+
+
+@pytest.mark.trio
+async def test_round_protocol_refuses_bad_requests() -> None:
+    async with (
+        loopback_host() as a,
+        loopback_host() as b,
+        open_collectives(a) as driver,
+    ):
+        peer = make_peer(0, 1, inner_steps=1, seed=1, run_id=RUN)
+        run = TrainingRun(a, driver, peer, RunConfig(run_id=RUN, rounds=1, linger=60))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run.run, ())  # founds the run, 1 round alone, then serves
+            cases: list[tuple[dict[str, Any], str]] = [
+                ({"t": "hello", "run": "other"}, "unknown_run"),
+                ({"t": "hello"}, "bad_request"),
+                ({"t": "ready", "run": RUN, "round": -1, "attempt": 0, "hash": "x"}, "bad_request"),
+                (
+                    {"t": "ready", "run": RUN, "round": 5, "attempt": "0", "hash": "x"},
+                    "bad_request",
+                ),
+                ({"t": "ready", "run": RUN, "round": 5, "attempt": 0, "hash": 7}, "bad_request"),
+                ({"t": "join", "run": RUN, "round": 0}, "late"),
+                ({"t": "join", "run": RUN, "round": 9}, "not_ready"),
+                ({"t": "vote", "run": RUN, "round": 1}, "bad_request"),
+            ]
+            await b.connect(a.listen_addrs()[0])
+            for body, code in cases:
+                with pytest.raises(RemoteError) as info:
+                    await b.channels.call(a.peer_id, ROUND_PROTOCOL, Message(body))
+                assert info.value.code == code, body
+            reply = await b.channels.call(
+                a.peer_id, ROUND_PROTOCOL, Message({"t": "hello", "run": RUN})
+            )
+            assert reply.body["members"] == [run.me] and reply.body["round"] >= 0
+            nursery.cancel_scope.cancel()

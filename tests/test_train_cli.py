@@ -7,6 +7,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,8 +52,8 @@ def _train(tiny: Path, data_dir: Path, *extra: str) -> str:
     return result.output
 
 
-def _checkpoint(data_dir: Path) -> dict[str, str]:
-    path = data_dir / "train" / "cli-run" / "checkpoint.safetensors"
+def _checkpoint(data_dir: Path, run: str = "cli-run") -> dict[str, str]:
+    path = data_dir / "train" / run / "checkpoint.safetensors"
     with safe_open(str(path), "pt") as f:
         return dict(f.metadata())
 
@@ -117,3 +120,54 @@ def test_missing_data_and_a_checkpoint_of_another_model(tiny_dir: Path, tmp_path
     )
     assert result.exit_code == 1
     assert "written for another model" in " ".join(result.output.split())
+
+
+@pytest.mark.slow
+def test_two_processes_train_together_and_a_wrong_run_is_refused(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """`shoal train` in swarm mode: a founder (waits for 2 peers) and a joiner through the
+    address it printed end with the same state hash; joining another run name fails fast."""
+    base = [sys.executable, "-m", "shoal.node.cli", "train", "--model", str(tiny_dir)]
+    base += ["--data", str(CORPUS), "--inner-steps", "5", "--rounds", "3", "--batch", "4"]
+    base += ["--seq", "32", "--shards", "2", "--listen", "/ip4/127.0.0.1/tcp/0"]
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, *args: str) -> subprocess.Popen[bytes]:
+        argv = ["nice", "-n", "19", *base, *args, "--data-dir", str(tmp_path / name)]
+        with (
+            (tmp_path / f"{name}.out").open("wb") as out,
+            (tmp_path / f"{name}.err").open("wb") as errors,
+        ):
+            proc = subprocess.Popen(argv, stdout=out, stderr=errors)
+        procs.append(proc)
+        return proc
+
+    try:
+        founder = start("a", "--run", "cli-swarm", "--shard", "0", "--min-peers", "2")
+        deadline = time.monotonic() + 90
+        while not (match := re.search(r"--bootstrap (\S+)", (tmp_path / "a.err").read_text())):
+            assert founder.poll() is None, (tmp_path / "a.err").read_text()
+            assert time.monotonic() < deadline, "the founder printed no address"
+            time.sleep(0.2)
+        addr = match.group(1)
+        wrong = start("w", "--run", "other", "--shard", "1", "--bootstrap", addr)
+        assert wrong.wait(90) == 1
+        assert "no peer asked trains run 'other'" in " ".join(
+            (tmp_path / "w.err").read_text().split()
+        )
+        joiner = start("b", "--run", "cli-swarm", "--shard", "1", "--bootstrap", addr)
+        assert joiner.wait(150) == 0, (tmp_path / "b.err").read_text()[-3000:]
+        assert founder.wait(60) == 0, (tmp_path / "a.err").read_text()[-3000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    outs = {n: (tmp_path / f"{n}.out").read_text() for n in ("a", "b")}
+    hashes = {n: re.search(r"state hash (\w+)", out).group(1) for n, out in outs.items()}  # type: ignore[union-attr]
+    assert hashes["a"] == hashes["b"]
+    assert all("rounds 0 -> 3" in out for out in outs.values())
+    for name in ("a", "b"):
+        meta = _checkpoint(tmp_path / name, "cli-swarm")
+        assert meta["round"] == "3" and meta["state_hash"] == hashes["a"]

@@ -11,6 +11,7 @@ resume from it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +32,7 @@ from shoal.training.data import Batches, byte_tokens, held_out_loss, shard, spli
 from shoal.training.diloco import DilocoConfig, DilocoPeer
 from shoal.training.run import RunConfig, RunEvent, TrainingRun, run_local
 from shoal.training.runlog import SECTION, RoundRecord, run_entry
+from shoal.transport.logs import route_libp2p_logs
 
 BYTE_VOCAB = 258  # 256 bytes, BOS, EOS: shoal-tiny's byte-level tokenizer
 
@@ -202,6 +204,7 @@ async def train_swarm(
     node_config = replace(config, api=None, model=None, bootstrap=bootstrap)
     async with trio.open_nursery() as nursery:
         node = await nursery.start(run_node, node_config)
+        route_libp2p_logs(logging.CRITICAL)  # the host routed them again; keep them quiet
         bootstrap_ids = []
         for addr in bootstrap:
             bootstrap_ids.append(str(await node.host.connect(addr)))

@@ -448,22 +448,41 @@ class TrainingRun:
             await trio.sleep(0.2)  # the next round was decided without us: sync its result
 
     async def _hello(self) -> tuple[int, tuple[str, ...], str]:
-        """(round, members, state hash) of the most advanced member among the known peers."""
+        """(round, members, state hash) of the most advanced member among the known peers.
+        Raises :class:`TrainingError` at once if every known peer says it does not train
+        this run (or does not train at all), several times in a row."""
+        refusals = 0
         while True:
             answers: list[tuple[int, tuple[str, ...], str]] = []
+            errors: dict[str, str] = {}
             with trio.move_on_after(10):
                 async with trio.open_nursery() as nursery:
                     for peer in sorted(self.known):
-                        nursery.start_soon(self._ask_hello, peer, answers)
+                        nursery.start_soon(self._ask_hello, peer, answers, errors)
             if answers:
                 best = max(answers)
                 self.known |= set(best[1]) - {self.me}
                 await self._connect(best[1])
                 return best
+            definitive = {"unknown_run", "unsupported_protocol"}
+            refused = bool(errors) and set(errors.values()) <= definitive
+            refusals = refusals + 1 if refused and len(errors) == len(self.known) else 0
+            if refusals >= 3:
+                names = ", ".join(f"{p[-8:]} ({code})" for p, code in sorted(errors.items()))
+                raise TrainingError(
+                    f"no peer asked trains run {self.config.run_id!r}: {names}; check --run, "
+                    "or give --bootstrap the address a peer of the run printed (a plain "
+                    "`shoal node` does not train)"
+                )
             self._emit("phase", self.peer.state.round, "looking for the run's peers")
             await trio.sleep(1.0)
 
-    async def _ask_hello(self, peer: str, answers: list[tuple[int, tuple[str, ...], str]]) -> None:
+    async def _ask_hello(
+        self,
+        peer: str,
+        answers: list[tuple[int, tuple[str, ...], str]],
+        errors: dict[str, str],
+    ) -> None:
         body = {"t": "hello", "run": self.config.run_id, "addrs": self._addr_book(())}
         try:
             reply = await self.host.channels.call(
@@ -472,7 +491,11 @@ class TrainingRun:
             members = tuple(str(m) for m in reply.body["members"])
             self._learn(reply.body.get("addrs"))
             answers.append((int(reply.body["round"]), members, str(reply.body["hash"])))
-        except (RemoteError, KeyError, TypeError, ValueError) as exc:
+        except RemoteError as exc:
+            errors[peer] = exc.code
+            log.debug("hello to %s: %r", peer, exc)
+        except (KeyError, TypeError, ValueError) as exc:
+            errors[peer] = "bad_reply"
             log.debug("hello to %s: %r", peer, exc)
 
     async def _sync(self, members: Sequence[str], round_: int) -> tuple[str, ...]:

@@ -44,7 +44,8 @@ def _diverge_after(peer: DilocoPeer, round_: int) -> None:
 
 
 @pytest.mark.trio
-async def test_a_diverged_peer_resyncs_from_the_majority_and_rejoins() -> None:
+@pytest.mark.parametrize("codec", ["fp32", "int8"])
+async def test_a_diverged_peer_resyncs_from_the_majority_and_rejoins(codec: str) -> None:
     torch.set_num_threads(1)
     records: dict[int, list[RoundRecord]] = {0: [], 1: [], 2: []}
 
@@ -55,7 +56,9 @@ async def test_a_diverged_peer_resyncs_from_the_majority_and_rejoins() -> None:
 
         return on_event
 
-    config = RunConfig(run_id=RUN, rounds=ROUNDS, min_members=3, part_bytes=64 << 10, linger=1.0)
+    config = RunConfig(
+        run_id=RUN, rounds=ROUNDS, codec=codec, min_members=3, part_bytes=64 << 10, linger=1.0
+    )
     async with AsyncExitStack() as stack:
         hosts = [await stack.enter_async_context(loopback_host()) for _ in range(3)]
         drivers = [

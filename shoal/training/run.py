@@ -300,8 +300,9 @@ class TrainingRun:
         for store in (self._barriers, self._roles, self._decisions):
             for key in [k for k in store if k[0] < current - 2]:
                 del store[key]
-        for r in [r for r in self._attempt_now if r < current - 2]:
-            del self._attempt_now[r]
+        for table in (self._attempt_now, self._joiners):
+            for r in [r for r in table if r <= current - 2]:
+                del table[r]
         self._notify()
         if self.checkpoint is not None:
             await trio.to_thread.run_sync(save_checkpoint, self.checkpoint, self.peer)

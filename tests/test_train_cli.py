@@ -123,6 +123,7 @@ def test_missing_data_and_a_checkpoint_of_another_model(tiny_dir: Path, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # ~35 s idle; minutes when the machine is loaded by other work
 def test_two_processes_train_together_and_a_wrong_run_is_refused(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
@@ -145,20 +146,20 @@ def test_two_processes_train_together_and_a_wrong_run_is_refused(
 
     try:
         founder = start("a", "--run", "cli-swarm", "--shard", "0", "--min-peers", "2")
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300
         while not (match := re.search(r"--bootstrap (\S+)", (tmp_path / "a.err").read_text())):
             assert founder.poll() is None, (tmp_path / "a.err").read_text()
             assert time.monotonic() < deadline, "the founder printed no address"
             time.sleep(0.2)
         addr = match.group(1)
         wrong = start("w", "--run", "other", "--shard", "1", "--bootstrap", addr)
-        assert wrong.wait(90) == 1
+        assert wrong.wait(300) == 1
         assert "no peer asked trains run 'other'" in " ".join(
             (tmp_path / "w.err").read_text().split()
         )
         joiner = start("b", "--run", "cli-swarm", "--shard", "1", "--bootstrap", addr)
-        assert joiner.wait(150) == 0, (tmp_path / "b.err").read_text()[-3000:]
-        assert founder.wait(60) == 0, (tmp_path / "a.err").read_text()[-3000:]
+        assert joiner.wait(400) == 0, (tmp_path / "b.err").read_text()[-3000:]
+        assert founder.wait(120) == 0, (tmp_path / "a.err").read_text()[-3000:]
     finally:
         for proc in procs:
             if proc.poll() is None:

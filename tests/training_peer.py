@@ -166,7 +166,7 @@ class _GatedRun(TrainingRun):
 
     async def round(self) -> RoundRecord:
         if self.gate is not None and self.peer.state.round + 1 == self.hold_round:
-            await _poll(self.gate.exists, 120)
+            await _poll(self.gate.exists, 600)
         return await super().round()
 
 
@@ -232,7 +232,7 @@ async def main_run(cfg: dict[str, Any]) -> None:
                 run_id="run-churn",
                 rounds=cfg["rounds"],
                 min_members=cfg.get("min_members", 1),
-                ready_timeout=30.0,
+                ready_timeout=120.0,
                 part_bytes=64 << 10,
                 linger=0.0,
             ),
@@ -244,7 +244,7 @@ async def main_run(cfg: dict[str, Any]) -> None:
         _write_json(root / f"{name}.addr.json", {"peer_id": run.me, "addr": host.listen_addrs()[0]})
         bootstrap = []
         if cfg.get("bootstrap"):
-            info = await _poll(partial(_read_json, root / f"{cfg['bootstrap']}.addr.json"), 60)
+            info = await _poll(partial(_read_json, root / f"{cfg['bootstrap']}.addr.json"), 300)
             await host.connect(info["addr"])
             bootstrap = [info["peer_id"]]
         async with trio.open_nursery() as nursery:
@@ -252,7 +252,7 @@ async def main_run(cfg: dict[str, Any]) -> None:
         out = {"held_out": held_out(peer.model)}
         report()
         _write_json(root / f"{name}.final.json", out)
-        await _poll((root / "exit").exists, 120)  # keep serving until everyone is done
+        await _poll((root / "exit").exists, 600)  # keep serving until everyone is done
 
 
 if __name__ == "__main__":

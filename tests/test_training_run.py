@@ -63,7 +63,7 @@ async def test_a_diverged_peer_resyncs_from_the_majority_and_rejoins(codec: str)
         hosts = [await stack.enter_async_context(loopback_host()) for _ in range(3)]
         drivers = [
             await stack.enter_async_context(
-                open_collectives(h, DriverConfig(deadline=5.0, timeout=60.0))
+                open_collectives(h, DriverConfig(deadline=10.0, timeout=120.0))
             )
             for h in hosts
         ]

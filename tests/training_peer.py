@@ -221,7 +221,7 @@ async def main_run(cfg: dict[str, Any]) -> None:
     async with (
         open_host(host_config) as host,
         open_collectives(
-            host, DriverConfig(deadline=5.0, timeout=90.0), before_send=kill_hook
+            host, DriverConfig(deadline=10.0, timeout=300.0), before_send=kill_hook
         ) as driver,
     ):
         run = _GatedRun(

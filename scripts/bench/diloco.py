@@ -258,14 +258,27 @@ class Comparison:
         return None
 
 
-def compare(setup: Setup) -> Comparison:
+def compare(setup: Setup, *, per_step: Curve | None = None) -> Comparison:
+    """Both runs; ``per_step``: reuse that per-step curve (it does not depend on the outer
+    settings) and run DiLoCo only."""
     train, held = _corpus()
     model = make_model(setup.model, setup.seed)
     initial = held_out_loss(model, held, seq=setup.seq, max_windows=setup.eval_windows)
     params = flatten(model).numel()
-    return Comparison(
-        setup, params, initial, run_per_step(setup, train, held), run_diloco(setup, train, held)
-    )
+    if per_step is None:
+        per_step = run_per_step(setup, train, held)
+    return Comparison(setup, params, initial, per_step, run_diloco(setup, train, held))
+
+
+def _reuse(path: str, setup: Setup, model: str) -> Curve:
+    """The per-step curve of an earlier ``--json`` report with the same inner setup."""
+    report = json.loads(Path(path).read_text())
+    outer = ("outer_lr", "outer_momentum")
+    ours = {k: v for k, v in asdict(setup).items() if k != "model" and k not in outer}
+    theirs = {k: v for k, v in report["setup"].items() if k not in outer}
+    if report["model"] != model or theirs != ours:
+        raise SystemExit(f"{path} was run with another model or inner setup: {theirs}")
+    return Curve(**report["per_step"])
 
 
 # ---- report -----------------------------------------------------------------------------
@@ -306,6 +319,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default="")
+    parser.add_argument(
+        "--per-step-from", default="", help="reuse the per-step run of an earlier --json report"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     setup = Setup(
@@ -322,7 +338,8 @@ def main() -> None:
         eval_windows=args.eval_windows,
         eval_every=args.eval_every,
     )
-    result = compare(setup)
+    reused = _reuse(args.per_step_from, setup, args.model) if args.per_step_from else None
+    result = compare(setup, per_step=reused)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(
         f"\n{args.model} ({result.params:,} parameters), 3 peers, {args.steps} inner steps of "

@@ -75,7 +75,7 @@ async def test_a_diverged_peer_resyncs_from_the_majority_and_rejoins(codec: str)
         ]
         for host in hosts[1:]:
             await host.connect(hosts[0].listen_addrs()[0])
-        with trio.fail_after(45):
+        with trio.fail_after(300):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(runs[0].run, ())
                 for run in runs[1:]:

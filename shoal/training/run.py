@@ -293,9 +293,10 @@ class TrainingRun:
         """After a round or a sync: the new members, the export for joiners, a checkpoint."""
         self.members = tuple(sorted(members))
         self.known |= set(self.members) - {self.me}
-        self._hash = self.peer.state.state_hash()
+        export = await trio.to_thread.run_sync(self.server.export, self.peer.state, self.members)
+        self.server.publish_export(export)
+        self._hash = export.manifest.state_hash
         self._min_members = 1
-        self.server.publish(self.peer.state, self.members)
         current = self.peer.state.round
         for store in (self._barriers, self._roles, self._decisions):
             for key in [k for k in store if k[0] < current - 2]:

@@ -88,8 +88,12 @@ class StateServer:
 
     def publish(self, state: OuterState, members: Iterable[str]) -> Export:
         """Export ``state`` (after each round); older rounds beyond the last few are dropped."""
+        return self.publish_export(self.export(state, members))
+
+    def export(self, state: OuterState, members: Iterable[str]) -> Export:
+        """The export of ``state`` (hashing and copying: a worker thread's job for big states)."""
         manifest, parts = export_state(state, run_id=self.run_id, part_bytes=self.part_bytes)
-        return self.publish_export(Export(manifest, tuple(parts), tuple(sorted(members))))
+        return Export(manifest, tuple(parts), tuple(sorted(members)))
 
     def publish_export(self, export: Export) -> Export:
         self.exports[export.manifest.round] = export

@@ -79,11 +79,13 @@ class SwarmState:
         Updates of one author are applied in sequence order; a later one waits (bounded)
         for the ones before it. Duplicates and superseded updates return ``[]``.
         """
+        log = self.authors.get(update.author)
+        if log is not None and (update.seq <= log.seq or update.seq in log.pending):
+            return []  # a duplicate (gossip, overlapping pulls): no signature check needed
         try:
             update.verify(self.swarm)
         except RejectedUpdate as exc:
             raise RejectedUpdate(exc.author, exc.reason, sender) from None
-        log = self.authors.get(update.author)
         if log is None:
             if len(self.authors) >= MAX_AUTHORS:
                 raise RejectedUpdate(update.author, "too many authors in this swarm", sender)

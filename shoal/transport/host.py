@@ -26,7 +26,16 @@ design/libp2p-notes.md applied here:
 10. a connection on which opening a stream timed out in protocol negotiation 3 times in
     a row is closed (peering dials the peer again): py-libp2p can leave a connection
     whose far side no longer accepts streams, and then every stream opened on it waits
-    10 s and fails.
+    10 s and fails;
+11. gossipsub speaks v1.1 only: py-libp2p's v1.2 sends an IDONTWANT control message, as an
+    RPC of its own, to every mesh peer for every message received, whatever its size
+    (go-libp2p only above 1 KiB): in a 32-node swarm, 64 % of the RPCs a node received;
+12. the signed peer record that py-libp2p's gossipsub attaches to every RPC is verified
+    once per peer and record, not at every RPC (an Ed25519 check each), and the record a
+    host sends is rebuilt at most once a second, not per RPC (it listed the host's
+    addresses each time): together 15-20 % of a busy node's time;
+13. gossipsub's inbound streams are read through a buffer: py-libp2p reads each RPC's
+    varint length a byte at a time, and each of those reads went through yamux's locks.
 
 The host also carries shoal's two call paths: ``rpc`` (a stream per call) and
 ``channels`` (calls multiplexed on one long-lived stream per peer and protocol).
@@ -36,12 +45,16 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 import libp2p.network.swarm as _libp2p_swarm
+import libp2p.pubsub.gossipsub as _libp2p_gossipsub
+import libp2p.pubsub.pubsub as _libp2p_pubsub
 import libp2p.stream_muxer.yamux.yamux as _libp2p_yamux
 import multiaddr
 import trio
@@ -57,7 +70,7 @@ from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.protocol_muxer.exceptions import MultiselectClientError
-from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH as _NOISE_MAX_PLAINTEXT
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
@@ -147,6 +160,90 @@ async def _new_stream_dropping_stuck_connections(  # type: ignore[no-untyped-def
 
 
 BasicHost.new_stream = _new_stream_dropping_stuck_connections
+
+# gossipsub's mesh: each node receives every message about ``GOSSIP_DEGREE`` times. shoal's
+# only topic is the swarm state, which anti-entropy pulls repair, so a sparse mesh is
+# enough; at go-libp2p's D=6 an idle 32-node swarm in 4 processes kept both cores of a
+# 2-core machine busy moving heartbeats (docs/state.md).
+GOSSIP_DEGREE = 3
+GOSSIP_DEGREE_LOW = 2
+GOSSIP_DEGREE_HIGH = 6
+
+# Workaround 12: verify a peer's signed record once, and build our own once a second.
+_consume_signed_record = _libp2p_pubsub.maybe_consume_signed_record
+_record_to_send = _libp2p_pubsub.env_to_send_in_RPC
+_records_seen: weakref.WeakKeyDictionary[object, dict[ID, bytes]] = weakref.WeakKeyDictionary()
+_records_sent: weakref.WeakKeyDictionary[object, tuple[float, tuple[bytes, bool]]] = (
+    weakref.WeakKeyDictionary()
+)
+RECORD_REBUILD_EVERY = 1.0
+MAX_RECORDS_SEEN = 4096
+
+
+def _consume_signed_record_once(msg, host, peer_id) -> bool:  # type: ignore[no-untyped-def]
+    if not msg.HasField("senderRecord"):
+        return True
+    seen = _records_seen.setdefault(host, {})
+    if seen.get(peer_id) == msg.senderRecord:
+        return True
+    ok: bool = _consume_signed_record(msg, host, peer_id)
+    if ok:
+        if len(seen) >= MAX_RECORDS_SEEN:
+            seen.clear()
+        seen[peer_id] = msg.senderRecord
+    return ok
+
+
+def _record_to_send_cached(host) -> tuple[bytes, bool]:  # type: ignore[no-untyped-def]
+    now = time.monotonic()
+    cached = _records_sent.get(host)
+    if cached is not None and now - cached[0] < RECORD_REBUILD_EVERY:
+        return cached[1]
+    record: tuple[bytes, bool] = _record_to_send(host)
+    _records_sent[host] = (now, record)
+    return record
+
+
+for _module in (_libp2p_pubsub, _libp2p_gossipsub):
+    _module.maybe_consume_signed_record = _consume_signed_record_once
+    _module.env_to_send_in_RPC = _record_to_send_cached
+
+
+# Workaround 13: buffer gossipsub's inbound reads.
+PUBSUB_READ_AHEAD = 64 * 1024
+
+
+class _BufferedReads:
+    """A stream whose reads are served from a read-ahead buffer; all else is the stream's."""
+
+    def __init__(self, stream: INetStream) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
+
+    async def read(self, n: int | None = None) -> bytes:
+        if not self._buffer:
+            chunk = await self._stream.read(PUBSUB_READ_AHEAD)
+            if not chunk:
+                return b""
+            self._buffer += chunk
+        if n is None or n < 0 or n > len(self._buffer):
+            n = len(self._buffer)
+        out = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return out
+
+
+_pubsub_stream_handler = Pubsub.stream_handler
+
+
+async def _pubsub_stream_handler_buffered(self, stream) -> None:  # type: ignore[no-untyped-def]
+    await _pubsub_stream_handler(self, _BufferedReads(stream))
+
+
+Pubsub.stream_handler = _pubsub_stream_handler_buffered
 
 # Workaround 9: py-libp2p's yamux sends a WINDOW_UPDATE after every read by default
 # (``RELEASE_ON_READ``); it reads this variable at each read. An operator's own setting wins.
@@ -402,10 +499,10 @@ async def open_host(config: HostConfig) -> AsyncIterator[Host]:
     libp2p_host = build_libp2p_host(config)
     listen = [multiaddr.Multiaddr(a) for a in config.listen]
     router = GossipSub(
-        [PROTOCOL_ID_V12, PROTOCOL_ID_V11],
-        degree=6,
-        degree_low=4,
-        degree_high=12,
+        [PROTOCOL_ID_V11],  # workaround 11
+        degree=GOSSIP_DEGREE,
+        degree_low=GOSSIP_DEGREE_LOW,
+        degree_high=GOSSIP_DEGREE_HIGH,
         heartbeat_interval=1,
         spam_protection_enabled=False,
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from libp2p.crypto.ed25519 import create_new_key_pair
 from safetensors import safe_open
 from safetensors.torch import save_file
 from training_peer import CORPUS, TINY, tiny_model
@@ -22,6 +23,9 @@ from typer.testing import CliRunner
 from shoal.node.cli import app
 from shoal.pipeline.config import ModelConfig
 from shoal.pipeline.loading import checkpoint_names
+from shoal.state.document import SwarmState
+from shoal.state.store import load_state, state_path
+from shoal.training.runlog import hashes_at
 
 runner = CliRunner()
 
@@ -172,3 +176,11 @@ def test_two_processes_train_together_and_a_wrong_run_is_refused(
     for name in ("a", "b"):
         meta = _checkpoint(tmp_path / name, "cli-swarm")
         assert meta["round"] == "3" and meta["state_hash"] == hashes["a"]
+    # the run log in the founder's saved swarm state: its own record of every round, and
+    # whatever of the joiner's reached it by gossip, with the same hashes
+    state = SwarmState("main", create_new_key_pair())
+    assert load_state(state, state_path(tmp_path / "a", "main")) > 0
+    for r in (1, 2, 3):
+        reported = hashes_at(state, "cli-swarm", r)
+        assert len(reported) >= 1 and len(set(reported.values())) == 1, (r, reported)
+    assert set(hashes_at(state, "cli-swarm", 3).values()) == {hashes["a"]}

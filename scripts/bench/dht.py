@@ -1,13 +1,17 @@
 """DHT lookup latency and roster propagation across 32 real nodes in 4 processes.
 
-    python scripts/bench/dht.py [--nodes 32] [--procs 4] [--lookups 400] [--json FILE]
+    python scripts/bench/dht.py [--nodes 32] [--procs 4] [--lookups 400] [--settle 60]
+                                [--json FILE]
 
 Each worker process runs ``nodes / procs`` full shoal nodes (``run_node``: host, peering,
 state sync, NAT service, discovery; no HTTP API) in one trio loop, all on 127.0.0.1,
 joined through the first node of worker 0. The coordinator (this process, no node)
 drives them over stdin/stdout with one JSON line per command and reply.
 
-Measured, one lookup at a time across the whole swarm (so a lookup does not wait on
+Once every node's view of the model is complete, the swarm is left ``--settle`` seconds
+(a swarm that just formed is still exchanging state and peers) and each worker's CPU use
+is sampled for 10 s (idle) and over the lookups. Measured, one lookup at a time across
+the whole swarm (so a lookup does not wait on
 another):
 
 - ``find_servers(model, block)`` from a random node for a random block of an 8-block
@@ -193,6 +197,7 @@ class Worker:
         self.addrs: list[str] = ready["ready"]
         self.peers: list[str] = ready["peers"]
         self.ids = 0
+        self.cpu: Any = None
 
     def read(self) -> dict[str, Any]:
         assert self.process.stdout is not None
@@ -219,6 +224,19 @@ class Worker:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+
+def cpu_percent(workers: list[Worker], seconds: float) -> list[float]:
+    """Each worker's CPU use (% of one core) over the next ``seconds``, or, with 0, since
+    the previous call."""
+    import psutil
+
+    for w in workers:
+        w.cpu = w.cpu or psutil.Process(w.process.pid)
+        if seconds:
+            w.cpu.cpu_percent()
+    time.sleep(seconds)
+    return [round(w.cpu.cpu_percent(), 1) for w in workers]
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -261,13 +279,14 @@ def coordinate(args: argparse.Namespace) -> dict[str, Any]:
             ]
             if all(c["wrong"] == 0 for c in checks):
                 break
-        print(
-            f"every view complete {time.monotonic() - announced:.1f}s after the announcements",
-            file=sys.stderr,
-            flush=True,
-        )
+        formed = time.monotonic() - announced
+        print(f"every view complete {formed:.1f}s after the announcements", file=sys.stderr)
+        results: dict[str, Any] = {"views_complete_s": round(formed, 1)}
+        # A swarm that just formed is still exchanging state and peers: measure a settled one.
+        time.sleep(args.settle)
+        results["idle_cpu_per_process"] = cpu_percent(workers, 10.0)
+        print("idle CPU % per process", results["idle_cpu_per_process"], file=sys.stderr)
 
-        results: dict[str, Any] = {}
         per_worker = max(1, args.lookups // args.procs)
         for mode in ("warm", "cold", "view"):
             lat: list[float] = []
@@ -286,6 +305,7 @@ def coordinate(args: argparse.Namespace) -> dict[str, Any]:
             results["lookup_warm"]["p50_ms"] / results["find_node_baseline"]["p50_ms"], 2
         )
 
+        results["lookup_cpu_per_process"] = cpu_percent(workers, 0.0)
         spreads = []
         for round_ in range(args.writes):
             writer = workers[round_ % args.procs]
@@ -325,6 +345,9 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--lookups", type=int, default=400)
     parser.add_argument("--writes", type=int, default=5)
+    parser.add_argument(
+        "--settle", type=float, default=60.0, help="seconds to wait after the swarm formed"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)

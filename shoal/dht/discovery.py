@@ -7,10 +7,11 @@ that. Lookups ask the DHT for a key's providers and keep those whose record is v
 unexpired and covers the key, so a dead server drops out within two refresh periods even
 though py-libp2p keeps provider records for 48 h.
 
-Lookups are Kademlia's iterative walk, bounded: ask the ``alpha`` closest peers we know at
-once, learn closer ones from their replies, stop when the ``alpha`` closest known peers
-have answered. In a swarm whose routing tables hold the closest peers (every swarm of a
-few dozen nodes) that is one round trip. Server records are cached until they expire.
+Lookups are Kademlia's iterative walk, bounded: ask the closest peers we know at once (as
+many as the answers the walk needs: the ``replication`` closest, or ``alpha`` once a value
+is found), learn closer ones from their replies, stop when the closest known peers have
+answered. In a swarm whose routing tables hold the closest peers (every swarm of a few
+dozen nodes) that is one round trip. Server records are cached until they expire.
 
 Reachable nodes run the DHT in server mode, nodes behind NAT in client mode (they query
 but do not store), following ``Host.reachability``.
@@ -141,6 +142,13 @@ class _Walk:
 
     def next_peers(self, count: int) -> list[ID]:
         return [p for p in self.known if p not in self.asked][:count]
+
+    def wanted_in_flight(self) -> int:
+        """Requests to keep in flight: at least ``alpha``, and as many as the answers the
+        walk still needs, so a walk that needs the ``quorum`` closest asks them all in its
+        first round trip (with ``alpha`` at a time, 8 answers took three round trips)."""
+        need = self.alpha if self.values else self.quorum
+        return max(self.alpha, need - len(self.answered))
 
 
 class Discovery:
@@ -349,10 +357,11 @@ class Discovery:
     # ---- the walk --------------------------------------------------------------------
 
     async def _lookup(self, keys: list[bytes], *, values: bool) -> dict[bytes, _Walk]:
-        """Kademlia's iterative lookup toward every key at once: keep ``alpha`` requests
-        in flight per key to the closest peers not yet asked, learn the closer peers they
-        name, stop a key when the ``alpha`` closest that answered are closer than anyone
-        not yet asked. One request to a peer carries every key it is asked about."""
+        """Kademlia's iterative lookup toward every key at once: keep
+        ``_Walk.wanted_in_flight`` requests in flight per key to the closest peers not yet
+        asked, learn the closer peers they name, stop a key when the closest that answered
+        are closer than anyone not yet asked (``_Walk.done``). One request to a peer
+        carries every key it is asked about."""
         dht = self._require_dht()
         table = dht.routing_table.get_peer_ids()
         walks: dict[bytes, _Walk] = {}
@@ -392,7 +401,7 @@ class Discovery:
                 for key, walk in walks.items():
                     if walk.done():
                         continue
-                    for peer in walk.next_peers(walk.alpha - walk.in_flight):
+                    for peer in walk.next_peers(walk.wanted_in_flight() - walk.in_flight):
                         walk.asked.add(peer)
                         walk.in_flight += 1
                         plan.setdefault(peer, []).append(key)

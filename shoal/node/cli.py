@@ -94,6 +94,10 @@ def node(
         float | None,
         typer.Option(help="API generations: seconds to wait for missing blocks' servers (20)"),
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="torch compute threads (default: cores minus one, at least 1)"),
+    ] = None,
 ) -> None:
     """Run a node daemon and join a swarm (with --model: serve a span of a model)."""
     try:
@@ -122,6 +126,7 @@ def node(
                 "api_key": api_key,
                 "step_timeout": step_timeout,
                 "route_timeout": route_timeout,
+                "threads": threads,
             },
         )
         peer_id = _peer_id(config.data_dir)

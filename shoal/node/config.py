@@ -58,6 +58,8 @@ class NodeConfig:
     api_key: bearer token the OpenAI-compatible routes require (None: no auth).
     step_timeout / route_timeout: the API's swarm client: seconds one token may take along
         the chain; seconds to wait for servers of missing blocks before an error.
+    threads: torch compute threads of the served span (None: the machine's cores minus
+        one, at least 1, so a core stays free for networking; see ``compute_threads``).
     """
 
     data_dir: Path
@@ -83,6 +85,13 @@ class NodeConfig:
     api_key: str | None = None
     step_timeout: float = 60.0
     route_timeout: float = 20.0
+    threads: int | None = None
+
+    def compute_threads(self, cpu_count: int | None) -> int:
+        """Torch threads for a machine with ``cpu_count`` cores (None: unknown)."""
+        if self.threads is not None:
+            return self.threads
+        return max(1, (cpu_count or 1) - 1)
 
     def __post_init__(self) -> None:
         if not self.listen:
@@ -118,6 +127,8 @@ class NodeConfig:
         for name in ("session_idle", "step_timeout", "route_timeout"):
             if not 0.1 <= getattr(self, name) <= 86400:
                 raise ConfigError(f"{name} must be between 0.1 and 86400 seconds")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("threads must be at least 1")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("api_key is empty; give a token or leave it out")
 
@@ -202,7 +213,7 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> NodeConfig:
     ):
         if name in coerced and not isinstance(coerced[name], str):
             raise ConfigError(f"{name}: expected a string ({types[name]})")
-    for name in ("target_peers", "max_sessions", "max_cache_tokens"):
+    for name in ("target_peers", "max_sessions", "max_cache_tokens", "threads"):
         if name in coerced and not isinstance(coerced[name], int):
             raise ConfigError(f"{name}: expected an integer")
     for name in ("offline_after", "dht_refresh", "session_idle", "step_timeout", "route_timeout"):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 import trio
 from libp2p.peer.id import ID
 
@@ -289,6 +290,8 @@ async def serve_model(node: Node, *, task_status: TaskStatus[SpanServer]) -> Non
     """Load this node's span of ``--model``, measure it, serve it and announce it."""
     config = node.config
     assert config.model is not None
+    threads = set_torch_threads(config)
+    log.info("torch uses %d compute thread(s) of %s core(s)", threads, os.cpu_count())
     checkpoint = await trio.to_thread.run_sync(open_checkpoint, config.model)
     model_id = config.model_id or model_name(config.model)
     num_blocks = checkpoint.config.num_layers
@@ -318,6 +321,13 @@ async def serve_model(node: Node, *, task_status: TaskStatus[SpanServer]) -> Non
         node.sync.write("models", model_id, {"num_blocks": num_blocks})
         log.info("serving blocks %d:%d of %s at %.1f steps/s", start, end, model_id, throughput)
         task_status.started(server)
+
+
+def set_torch_threads(config: NodeConfig) -> int:
+    """Give torch ``--threads`` threads (default: a core less than the machine has)."""
+    threads = config.compute_threads(os.cpu_count())
+    torch.set_num_threads(threads)
+    return threads
 
 
 def model_name(model: str) -> str:

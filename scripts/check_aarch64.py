@@ -255,12 +255,13 @@ def resolve(reqs: Sequence[str], index: str, work: Path) -> tuple[list[Resolved]
     torch_wheel = pick_wheel(index_files(index, "torch"), "torch", TORCH)
     if torch_wheel is None:
         raise PipFailed(f"{index} has no cp311 aarch64 wheel of torch {TORCH}")
-    meta = {"name": "torch", "version": TORCH, "requires_python": ">=3.10"}
+    meta = {"name": "torch", "version": TORCH_LOCAL, "requires_python": ">=3.10"}
     write_stub(meta | {"requires_dist": list(TORCH_CPU_REQUIRES)}, stubs)
     log = [
-        f"torch {TORCH}: {torch_wheel} is on the index; resolved with the CPU build's requirements"
+        f"torch: the index has {torch_wheel} (the CUDA build); resolving with {TORCH_LOCAL}'s "
+        "requirements (the CPU build the Pi installs)"
     ]
-    reqs = pin(reqs, "torch", TORCH)
+    reqs = pin(reqs, "torch", TORCH_LOCAL)
     stubbed: list[str] = []
     platform = [arg for p in PLATFORMS for arg in ("--platform", p)]
     for attempt in range(1, MAX_PASSES + 1):
@@ -277,11 +278,13 @@ def resolve(reqs: Sequence[str], index: str, work: Path) -> tuple[list[Resolved]
         if not missing:
             raise PipFailed(f"pip failed on pass {attempt}:\n{done.stderr[-4000:]}")
         for name, version in missing:
-            log.append(
-                f"pass {attempt}: no aarch64 wheel for {name}=={version}; its sdist stands in"
-            )
-            write_stub(sdist_metadata(name, version, index, work), stubs)
+            meta = sdist_metadata(name, version, index, work)
+            write_stub(meta, stubs)
             stubbed.append(name)
+            log.append(
+                f"pass {attempt}: no aarch64 wheel of {name} {version or '(any version)'}; "
+                f"its sdist {meta['version']} stands in"
+            )
     raise PipFailed(f"still unresolved after {MAX_PASSES} passes: {stubbed}")
 
 

@@ -26,6 +26,7 @@ from shoal.pipeline.generate import generate
 from shoal.pipeline.loading import load_span, load_tokenizer
 from shoal.pipeline.model import DecoderSpan, Span
 from shoal.pipeline.tokenizer import byte_level_tokenizer
+from shoal.training.data import held_out_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -74,23 +75,6 @@ def batch_of(
     starts = torch.randint(0, tokens.numel() - seq - 1, (batch,), generator=gen)
     rows = torch.stack([tokens[s : s + seq + 1] for s in starts.tolist()])
     return rows[:, :-1], rows[:, 1:]
-
-
-@torch.no_grad()
-def held_out_loss(model: DecoderSpan, tokens: torch.Tensor, seq: int) -> float:
-    """Mean cross-entropy (nats/byte) over the held-out text in non-overlapping windows."""
-    total, count = 0.0, 0
-    usable = (tokens.numel() - 1) // seq * seq
-    inputs = tokens[:usable].view(-1, seq)
-    targets = tokens[1 : usable + 1].view(-1, seq)
-    for i in range(0, inputs.shape[0], 16):
-        logits = model(inputs[i : i + 16]).float()
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets[i : i + 16].reshape(-1), reduction="sum"
-        )
-        total += float(loss)
-        count += targets[i : i + 16].numel()
-    return total / count
 
 
 def unigram_loss(train: torch.Tensor, held_out: torch.Tensor) -> float:
@@ -209,7 +193,7 @@ def evaluate() -> dict[str, float]:
     result = {"unigram": unigram_loss(train_tokens, held), "uniform": math.log(256)}
     for name, quantize in (("fp32", None), ("int8", "int8"), ("int4", "int4")):
         model = load_span(OUT, quantize=quantize)
-        result[name] = held_out_loss(model, held, 256)
+        result[name] = held_out_loss(model, held, seq=256)
     return result
 
 

@@ -21,7 +21,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
+from peer_files import poll, read_json, write_json
 
 from shoal.collectives import AllReduce, AllReduceResult, Member, Send, View, make_view, wire
 from shoal.collectives.codec import encode_chunk
@@ -42,31 +42,8 @@ def contribution(seed: int, position: int, size: int) -> torch.Tensor:
     return torch.randn(size, generator=torch.Generator().manual_seed(seed * 1000 + position))
 
 
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.rename(path)
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
     path.write_bytes(data)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return dict(json.loads(path.read_text()))
-    except FileNotFoundError:
-        return None
-
-
-async def _poll(check: Callable[[], Any], seconds: float) -> Any:
-    """``check()`` until it returns something truthy (files written by other processes)."""
-    with trio.fail_after(seconds):
-        while True:
-            value = check()
-            if value:
-                return value
-            await trio.sleep(0.05)
 
 
 def _frame_type(data: bytes) -> str:
@@ -98,14 +75,14 @@ async def main(cfg: dict[str, Any]) -> None:
         open_host(config) as host,
         open_collectives(host, driver_config, before_send=before_send) as driver,
     ):
-        _write_json(
+        write_json(
             root / f"{name}.addr.json", {"peer_id": driver.me, "addr": host.listen_addrs()[0]}
         )
-        info = {n: await _poll(partial(_read_json, root / f"{n}.addr.json"), 60) for n in names}
+        info = {n: await poll(partial(read_json, root / f"{n}.addr.json"), 60) for n in names}
         for other in names[:me_pos]:
             await host.connect(info[other]["addr"])
         others = [host_id(info[n]) for n in names if n != name]
-        await _poll(lambda: all(host.is_connected(p) for p in others), 60)
+        await poll(lambda: all(host.is_connected(p) for p in others), 60)
         ids = {n: info[n]["peer_id"] for n in names}
         names_of = {v: k for k, v in ids.items()}
         size = int(cfg["size"])
@@ -135,9 +112,9 @@ async def main(cfg: dict[str, Any]) -> None:
                 frame = wire.encode("DATA", view.tag, view.vh, {"c": 0, "x": header}, payload)
                 driver.send_nowait([Send(ids[m], frame) for m in members])
                 total += len(members) * len(frame)
-            await _poll(lambda: driver.bytes_sent >= total, 30)
+            await poll(lambda: driver.bytes_sent >= total, 30)
         elif cfg.get("wait_for"):
-            await _poll((root / f"{cfg['wait_for']}.out.json").exists, 60)
+            await poll((root / f"{cfg['wait_for']}.out.json").exists, 60)
 
         async def run_op(view: View, spec: dict[str, Any]) -> None:
             record: dict[str, Any] = {}
@@ -161,10 +138,10 @@ async def main(cfg: dict[str, Any]) -> None:
                 for spec in cfg["ops"]:
                     nursery.start_soon(run_op, views[spec["tag"]], spec)
         out["bytes_sent"] = driver.bytes_sent
-        _write_json(root / f"{name}.out.json", out)
+        write_json(root / f"{name}.out.json", out)
         # keep serving (retained chunks) until the test has every outcome
-        await _poll((root / "exit").exists, 120)
-        _write_json(root / f"{name}.final.json", {"rejections": rejections()})
+        await poll((root / "exit").exists, 120)
+        write_json(root / f"{name}.final.json", {"rejections": rejections()})
 
 
 def host_id(info: dict[str, Any]) -> ID:

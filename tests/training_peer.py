@@ -17,7 +17,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import torch
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
+from peer_files import poll, read_json, write_json
 
 from shoal.collectives import Member
 from shoal.collectives.driver import DriverConfig, open_collectives
@@ -65,29 +66,6 @@ def tiny_model(seed: int = 0, config: ModelConfig = TINY) -> DecoderSpan:
 
 
 # ---- the multi-process worker: ``python tests/training_peer.py CONFIG.json`` ----------
-
-
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.rename(path)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return dict(json.loads(path.read_text()))
-    except FileNotFoundError:
-        return None
-
-
-async def _poll(check: Callable[[], Any], seconds: float) -> Any:
-    """``check()`` until it returns something truthy (files written by other processes)."""
-    with trio.fail_after(seconds):
-        while True:
-            value = check()
-            if value:
-                return value
-            await trio.sleep(0.05)
 
 
 def stop_processes(procs: Iterable[subprocess.Popen[bytes]]) -> None:
@@ -134,22 +112,22 @@ async def main(cfg: dict[str, Any]) -> None:
         open_host(host_config) as host,
         open_collectives(host, DriverConfig(deadline=10.0, timeout=90.0)) as driver,
     ):
-        _write_json(
+        write_json(
             root / f"{name}.addr.json", {"peer_id": driver.me, "addr": host.listen_addrs()[0]}
         )
-        info = {n: await _poll(partial(_read_json, root / f"{n}.addr.json"), 60) for n in names}
+        info = {n: await poll(partial(read_json, root / f"{n}.addr.json"), 60) for n in names}
         for other in names[:me]:
             await host.connect(info[other]["addr"])
         others = [ID.from_base58(info[n]["peer_id"]) for n in names if n != name]
-        await _poll(lambda: all(host.is_connected(p) for p in others), 60)
+        await poll(lambda: all(host.is_connected(p) for p in others), 60)
         members = [Member(info[n]["peer_id"]) for n in names]
         rounds = []
         for _ in range(cfg["rounds"]):
             record = await swarm_round(peer, driver, members)
             rounds.append(record.to_data())
         out = {"peer_id": driver.me, "rounds": rounds, "state_hash": peer.state.state_hash()}
-        _write_json(root / f"{name}.out.json", out)
-        await _poll((root / "exit").exists, 120)  # keep serving FETCH until everyone is done
+        write_json(root / f"{name}.out.json", out)
+        await poll((root / "exit").exists, 120)  # keep serving FETCH until everyone is done
 
 
 # ---- a peer of a whole run (``"mode": "run"``): TrainingRun, churn, joiners ---------
@@ -166,7 +144,7 @@ class _GatedRun(TrainingRun):
 
     async def round(self) -> RoundRecord:
         if self.gate is not None and self.peer.state.round + 1 == self.hold_round:
-            await _poll(self.gate.exists, 600)
+            await poll(self.gate.exists, 600)
         return await super().round()
 
 
@@ -206,7 +184,7 @@ async def main_run(cfg: dict[str, Any]) -> None:
             "attempts": run.attempts,
             "state_hash": run.peer.state.state_hash(),
         }
-        _write_json(root / f"{name}.out.json", out)
+        write_json(root / f"{name}.out.json", out)
 
     def on_event(event: RunEvent) -> None:
         if event.kind == "round" and event.record is not None:
@@ -241,18 +219,18 @@ async def main_run(cfg: dict[str, Any]) -> None:
         run.hold_round = cfg.get("hold_round")
         run.gate = root / "release" if run.hold_round else None
         holder["run"] = run
-        _write_json(root / f"{name}.addr.json", {"peer_id": run.me, "addr": host.listen_addrs()[0]})
+        write_json(root / f"{name}.addr.json", {"peer_id": run.me, "addr": host.listen_addrs()[0]})
         bootstrap = []
         if cfg.get("bootstrap"):
-            info = await _poll(partial(_read_json, root / f"{cfg['bootstrap']}.addr.json"), 300)
+            info = await poll(partial(read_json, root / f"{cfg['bootstrap']}.addr.json"), 300)
             await host.connect(info["addr"])
             bootstrap = [info["peer_id"]]
         async with trio.open_nursery() as nursery:
             await nursery.start(run.run, bootstrap)
         out = {"held_out": held_out(peer.model)}
         report()
-        _write_json(root / f"{name}.final.json", out)
-        await _poll((root / "exit").exists, 600)  # keep serving until everyone is done
+        write_json(root / f"{name}.final.json", out)
+        await poll((root / "exit").exists, 600)  # keep serving until everyone is done
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 from typer.testing import CliRunner
 
 from shoal.node.cli import app
+from shoal.node.errors import NodeError, run_trio
 from shoal.transport.identity import IDENTITY_FILE
 from shoal.transport.swarmkey import read_swarm_key
 from tests.daemons import Daemon
@@ -87,3 +89,34 @@ def test_status_without_a_daemon_says_what_to_do() -> None:
     result = runner.invoke(app, ["status", "--api", "127.0.0.1:1"])
     assert result.exit_code == 1
     assert "is `shoal node` running?" in result.output
+
+
+async def _interrupted_in_a_nursery() -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.sleep_forever)
+        raise KeyboardInterrupt
+
+
+async def _failed_in_a_nursery(*errors: Exception) -> None:
+    async def fail(error: Exception) -> None:
+        raise error
+
+    async with trio.open_nursery() as nursery:
+        for error in errors:
+            nursery.start_soon(fail, error)
+
+
+def test_run_trio_raises_ctrl_c_and_a_lone_error_from_a_nursery_as_themselves() -> None:
+    # trio.run alone raises both inside an exception group: the commands' `except
+    # KeyboardInterrupt` missed a Ctrl-C during the demo's generation, which exited 1
+    with pytest.raises(BaseExceptionGroup):
+        trio.run(_interrupted_in_a_nursery)
+    with pytest.raises(KeyboardInterrupt):
+        run_trio(_interrupted_in_a_nursery)
+    with pytest.raises(NodeError, match=r"^port taken$"):
+        run_trio(_failed_in_a_nursery, NodeError("port taken"))
+    with pytest.raises(ExceptionGroup) as two:  # two errors: the user needs both
+        run_trio(_failed_in_a_nursery, NodeError("a"), NodeError("b"))
+    assert sorted(str(e) for e in two.value.exceptions) == ["a", "b"]
+    with pytest.raises(ExceptionGroup):  # a bug is not dressed up as a user error
+        run_trio(_failed_in_a_nursery, ValueError("bug"))

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from shoal.errors import Error
 from shoal.node.config import DEFAULT_API, NodeConfig, load_config
-from shoal.node.errors import ConfigError
+from shoal.node.errors import ConfigError, run_trio
 from shoal.node.logs import setup_logging
 from shoal.transport.logs import route_libp2p_logs
 
@@ -135,7 +135,7 @@ def node(
         return
     setup_logging(config.log_level, peer_id)
     try:
-        trio.run(_run_until_signal, config)
+        run_trio(_run_until_signal, config)
     except Error as exc:
         _fail(str(exc))
     except OSError as exc:
@@ -369,7 +369,7 @@ def generate(
     from shoal.pipeline.chain import ChainConfig
 
     try:
-        trio.run(
+        run_trio(
             _generate_swarm,
             list(bootstrap),
             prompt,
@@ -582,7 +582,7 @@ def train(
         if local:
             summary = train_local(options, config.data_dir, err)
         else:
-            summary = trio.run(train_swarm, options, config, err, tuple(bootstrap or ()))
+            summary = run_trio(train_swarm, options, config, err, tuple(bootstrap or ()))
     except Error as exc:
         _fail(str(exc), 1)
         return

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import trio
 from rich.console import Console
 
-from shoal.node.errors import NodeError
+from shoal.node.errors import NodeError, run_trio
 
 MODEL = "shoal-tiny"
 SPANS = ((0, 3), (3, 6), (6, 8))
@@ -170,7 +169,7 @@ def run_demo(
                 "max_new_tokens": max_tokens,
                 "temperature": temperature,
             }
-            return trio.run(_generate, address, prompt, options)
+            return run_trio(_generate, address, prompt, options)
         finally:
             swarm.stop()
             err.print(f"stopped {len(swarm.nodes)} node processes")

@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from shoal.collectives.codec import CODECS
 from shoal.collectives.driver import open_collectives
 from shoal.node.config import NodeConfig
-from shoal.node.errors import NodeError
+from shoal.node.errors import NodeError, run_trio
 from shoal.pipeline.loading import load_span, load_tokenizer, open_checkpoint
 from shoal.training.checkpoint import checkpoint_path, load_checkpoint
 from shoal.training.data import Batches, byte_tokens, held_out_loss, shard, split_held_out
@@ -168,7 +168,7 @@ def train_local(options: TrainOptions, data_dir: Path, console: Console) -> dict
         console.print(f"the checkpoint is already at round {start}; pass a larger --rounds")
     progress = TrainProgress(console, options.rounds, start)
     with progress.progress:
-        trio.run(lambda: run_local(peer, rounds, checkpoint=path, events=progress))
+        run_trio(lambda: run_local(peer, rounds, checkpoint=path, events=progress))
     return _summary(peer, held, options, path, start)
 
 

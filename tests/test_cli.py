@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 
 import httpx
@@ -12,7 +14,7 @@ import trio
 from typer.testing import CliRunner
 
 from shoal.node.cli import app
-from shoal.node.errors import NodeError, run_trio
+from shoal.node.errors import NodeError, _leaves, run_trio
 from shoal.transport.identity import IDENTITY_FILE
 from shoal.transport.swarmkey import read_swarm_key
 from tests.daemons import Daemon
@@ -117,6 +119,24 @@ def test_run_trio_raises_ctrl_c_and_a_lone_error_from_a_nursery_as_themselves() 
         run_trio(_failed_in_a_nursery, NodeError("port taken"))
     with pytest.raises(ExceptionGroup) as two:  # two errors: the user needs both
         run_trio(_failed_in_a_nursery, NodeError("a"), NodeError("b"))
-    assert sorted(str(e) for e in two.value.exceptions) == ["a", "b"]
+    errors, rest = two.value.split(NodeError)
+    assert rest is None and errors is not None
+    assert sorted(str(e) for e in _leaves(errors)) == ["a", "b"]
     with pytest.raises(ExceptionGroup):  # a bug is not dressed up as a user error
         run_trio(_failed_in_a_nursery, ValueError("bug"))
+
+
+def test_ctrl_c_cancels_the_run_and_is_raised_once_after_its_cleanup() -> None:
+    steps: list[str] = []
+
+    async def serve() -> None:
+        try:
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+            await trio.sleep_forever()
+        finally:
+            steps.append("cleaned up")  # reached as a cancellation, not mid-statement
+
+    with pytest.raises(KeyboardInterrupt):
+        run_trio(serve)
+    assert steps == ["cleaned up"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -27,6 +27,7 @@ from shoal.pipeline.loading import load_span, load_tokenizer
 from shoal.pipeline.model import DecoderSpan, Span
 from shoal.pipeline.tokenizer import byte_level_tokenizer
 from shoal.training.data import held_out_loss
+from shoal.training.init import init_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -58,17 +59,6 @@ def split(data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:cut], tokens[cut:]
 
 
-def init_weights(model: DecoderSpan, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    residual_std = 0.02 / math.sqrt(2 * CONFIG.num_layers)
-    for name, p in model.named_parameters():
-        if name.endswith("layernorm.weight") or name == "norm.weight":
-            continue
-        std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
-        with torch.no_grad():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-
 def batch_of(
     tokens: torch.Tensor, batch: int, seq: int, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +79,7 @@ def train(args: argparse.Namespace) -> None:
     train_tokens, _ = split(DATA.read_bytes())
     model = DecoderSpan(CONFIG, Span.full(CONFIG))
     model.tie_weights()
-    init_weights(model, args.seed)
+    init_weights(model, args.seed, CONFIG.num_layers)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(

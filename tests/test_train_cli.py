@@ -21,6 +21,7 @@ from training_peer import CORPUS, TINY, tiny_model
 from typer.testing import CliRunner
 
 from shoal.node.cli import app
+from shoal.node.train import TrainOptions, build_peer
 from shoal.pipeline.config import ModelConfig
 from shoal.pipeline.loading import checkpoint_names
 from shoal.state.document import SwarmState
@@ -102,6 +103,7 @@ def test_local_training_checkpoints_and_resumes_where_it_stopped(
         (["--local", "--shard", "3", "--shards", "3"], 2, "must be in 0..2"),
         (["--local", "--codec", "fp8"], 2, "use one of"),
         (["--local", "--seq", "4096"], 1, "pass a smaller --seq"),
+        (["--local", "--outer-momentum", "1"], 2, "--outer-momentum in [0, 1)"),
     ],
 )
 def test_bad_options_say_what_to_do(
@@ -111,6 +113,23 @@ def test_bad_options_say_what_to_do(
     result = runner.invoke(app, [*base, *args, "--data-dir", str(tmp_path)])
     assert result.exit_code == code, result.output
     assert message in " ".join(result.output.split())
+
+
+def test_scratch_starts_every_peer_from_the_same_random_weights(tiny_dir: Path) -> None:
+    def start(**changes: object) -> torch.Tensor:
+        fields: dict[str, object] = {"run": "r", "data": CORPUS, "model": str(tiny_dir)}
+        options = TrainOptions(**(fields | changes))  # type: ignore[arg-type]
+        peer, _ = build_peer(options)
+        return peer.state.params
+
+    trained = start()
+    scratch = start(scratch=True)
+    assert torch.equal(scratch, start(scratch=True, shard=1, shards=3))  # another peer
+    assert not torch.equal(scratch, trained)
+    assert not torch.equal(scratch, start(scratch=True, run="another run"))
+    drawn = scratch[scratch != 1.0]  # norm weights stay at one
+    assert drawn.numel() > 0.9 * scratch.numel()
+    assert 0.01 < drawn.std().item() < 0.021  # N(0, 0.02); residual projections smaller
 
 
 def test_missing_data_and_a_checkpoint_of_another_model(tiny_dir: Path, tmp_path: Path) -> None:

@@ -528,6 +528,16 @@ def train(
     batch: Annotated[int, typer.Option(help="sequences per inner step")] = 8,
     seq: Annotated[int, typer.Option(help="tokens per sequence")] = 128,
     lr: Annotated[float, typer.Option(help="inner AdamW learning rate")] = 1e-3,
+    outer_lr: Annotated[float, typer.Option(help="outer Nesterov learning rate")] = 0.7,
+    outer_momentum: Annotated[float, typer.Option(help="outer Nesterov momentum")] = 0.9,
+    scratch: Annotated[
+        bool,
+        typer.Option(
+            "--scratch",
+            help="start from random weights of --model's shape (seeded by --run: the same on "
+            "every peer) instead of its trained ones",
+        ),
+    ] = False,
     min_peers: Annotated[
         int, typer.Option(help="a founder's first round waits for this many peers")
     ] = 1,
@@ -559,6 +569,9 @@ def train(
         batch=batch,
         seq=seq,
         inner_lr=lr,
+        outer_lr=outer_lr,
+        outer_momentum=outer_momentum,
+        scratch=scratch,
         min_peers=min_peers,
     )
     try:

@@ -27,9 +27,11 @@ from shoal.collectives.driver import open_collectives
 from shoal.node.config import NodeConfig
 from shoal.node.errors import NodeError, run_trio
 from shoal.pipeline.loading import load_span, load_tokenizer, open_checkpoint
+from shoal.pipeline.model import DecoderSpan, Span
 from shoal.training.checkpoint import checkpoint_path, load_checkpoint
 from shoal.training.data import Batches, byte_tokens, held_out_loss, shard, split_held_out
 from shoal.training.diloco import DilocoConfig, DilocoPeer
+from shoal.training.init import init_weights
 from shoal.training.run import RunConfig, RunEvent, TrainingRun, run_local
 from shoal.training.runlog import SECTION, RoundRecord, run_entry
 from shoal.transport.logs import route_libp2p_logs
@@ -52,6 +54,9 @@ class TrainOptions:
     batch: int = 8
     seq: int = 128
     inner_lr: float = 1e-3
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    scratch: bool = False
     min_peers: int = 1
     seed: int = 0
 
@@ -66,6 +71,8 @@ def check_options(options: TrainOptions) -> None:
         raise NodeError("--inner-steps, --batch must be >= 1 and --seq >= 2")
     if options.rounds is not None and options.rounds < 1:
         raise NodeError("--rounds must be >= 1 (leave it out to train until Ctrl-C)")
+    if not (options.outer_lr > 0 and 0 <= options.outer_momentum < 1):
+        raise NodeError("--outer-lr must be > 0 and --outer-momentum in [0, 1)")
 
 
 def build_peer(options: TrainOptions) -> tuple[DilocoPeer, torch.Tensor]:
@@ -101,8 +108,21 @@ def build_peer(options: TrainOptions) -> tuple[DilocoPeer, torch.Tensor]:
     batches = Batches(
         mine, batch=options.batch, seq=options.seq, seed=int.from_bytes(digest[:8], "little")
     )
-    model = load_span(checkpoint, dtype=torch.float32).train()
-    diloco = DilocoConfig(inner_steps=options.inner_steps, inner_lr=options.inner_lr)
+    if options.scratch:
+        model = DecoderSpan(config, Span.full(config))
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        init_seed = hashlib.sha256(f"{options.run}/init/{options.seed}".encode()).digest()
+        init_weights(model, int.from_bytes(init_seed[:8], "little"), config.num_layers)
+        model.train()
+    else:
+        model = load_span(checkpoint, dtype=torch.float32).train()
+    diloco = DilocoConfig(
+        inner_steps=options.inner_steps,
+        inner_lr=options.inner_lr,
+        outer_lr=options.outer_lr,
+        outer_momentum=options.outer_momentum,
+    )
     return DilocoPeer(model, batches, diloco, run_id=options.run), held
 
 

@@ -110,3 +110,38 @@ def test_wire_keys_fit_what_py_libp2p_routes_on() -> None:
     # A record is accepted under its wire key as well as its logical key.
     rec = record()
     assert validate(dht_value_key(server_key("lab", rec.peer_id)), rec.encode(), now=0.0) == rec
+
+
+def test_a_provider_walk_stops_early_only_when_answers_confirm_the_last_full_walk() -> None:
+    from libp2p.peer.id import ID
+
+    from shoal.dht.discovery import _Walk
+
+    peers = [ID(bytes([0, 1, i])) for i in range(12)]
+    key = bytes(32)
+    servers = frozenset({"server-a", "server-b"})
+
+    def walk(expected: frozenset[str]) -> _Walk:
+        w = _Walk(key=key, alpha=3, quorum=8, known=list(peers), expected=expected)
+        w.asked.update(peers[:8])
+        return w
+
+    confirmed = walk(servers)
+    for peer in peers[5:8]:  # any three answers, not the closest three
+        confirmed.answered.add(peer)
+        confirmed.heard(servers)
+    assert confirmed.done() and confirmed.providers == set(servers)
+
+    news = walk(servers)  # a server announced since: the walk goes on to the quorum
+    for index, found in enumerate([servers, servers | {"server-c"}, servers, servers]):
+        news.answered.add(peers[index])
+        news.heard(found)
+    assert not news.done() and news.providers == {"server-a", "server-b", "server-c"}
+    news.answered.update(peers[4:8])
+    assert news.done()
+
+    blank = walk(frozenset())  # nothing expected: never early
+    for peer in peers[:3]:
+        blank.answered.add(peer)
+        blank.heard(frozenset())
+    assert not blank.done()

@@ -94,6 +94,9 @@ class DiscoveryConfig:
     absent_ttl: float = 5.0
 
 
+MAX_EXPECTED = 4096  # provider sets kept for early stops, before old ones are pruned
+
+
 @dataclass
 class _Walk:
     """The state of one iterative lookup: peers by distance to the key, which were asked,
@@ -109,6 +112,9 @@ class _Walk:
     quorum: int = 3
     providers: set[str] = field(default_factory=set)
     values: list[bytes] = field(default_factory=list)
+    expected: frozenset[str] = frozenset()
+    agreeing: int = 0
+    disagreed: bool = False
 
     def learn(self, peers: list[ID]) -> None:
         fresh = [p for p in peers if p not in self.known]
@@ -129,6 +135,8 @@ class _Walk:
         saw them*; a reader whose view differs (a routing table still filling, churn) may
         find its closest few hold nothing. Asking only ``alpha`` lost one server in two
         for lookups made seconds after a 24-node swarm formed (scripts/bench/dht.py)."""
+        if self.confirmed():
+            return True
         need = self.alpha if self.values else self.quorum
         seen = 0
         for peer in self.known:
@@ -139,6 +147,21 @@ class _Walk:
             elif peer not in self.asked:
                 return False
         return self.in_flight == 0 and not self.next_peers(1)
+
+    def confirmed(self) -> bool:
+        """A provider lookup stops early once ``alpha`` peers answered exactly the
+        providers the last full walk for this key found (``expected``, not empty), and
+        none answered otherwise: the set has not changed. A new announcement shows up in
+        some answer and sends the walk on to the ``quorum``; with nothing expected (no
+        recent full walk, or it found nothing) the walk always goes the whole way."""
+        return bool(self.expected) and not self.disagreed and self.agreeing >= self.alpha
+
+    def heard(self, providers: frozenset[str]) -> None:
+        self.providers.update(providers)
+        if providers == self.expected:
+            self.agreeing += 1
+        else:
+            self.disagreed = True
 
     def next_peers(self, count: int) -> list[ID]:
         return [p for p in self.known if p not in self.asked][:count]
@@ -171,6 +194,9 @@ class Discovery:
         self._changed = trio.Event()
         self._records: dict[str, tuple[ServerRecord, float]] = {}  # peer -> (record, fetched)
         self._absent: dict[str, float] = {}  # peer -> until when it counts as absent
+        self._providers: dict[
+            bytes, tuple[frozenset[str], float]
+        ] = {}  # key -> (full walk's, when)
         self._requests = trio.Semaphore(config.max_requests)
         self.dht: kad.KadNode | None = None
 
@@ -275,7 +301,22 @@ class Discovery:
         ``covers`` it, ordered by peer id. One walk for all keys, one for the records."""
         with trio.move_on_after(self.config.lookup_timeout):
             keys = [bytes.fromhex(dht_provider_key(logical)) for logical, _ in wanted]
-            walks = await self._lookup(keys, values=False)
+            now = self.clock()
+            expected = {
+                key: found
+                for key, (found, when) in self._providers.items()
+                if key in keys and now - when < self.config.refresh_interval
+            }
+            walks = await self._lookup(keys, values=False, expected=expected)
+            now = self.clock()
+            for key, walk in walks.items():
+                if not walk.confirmed():  # a full walk: what the next lookups expect
+                    self._providers[key] = (frozenset(walk.providers), now)
+            if len(self._providers) > MAX_EXPECTED:
+                self._providers = {
+                    k: v for k, v in self._providers.items()
+                    if now - v[1] < self.config.refresh_interval
+                }  # fmt: skip
             covers_of: dict[str, list[Callable[[ServerRecord], bool]]] = {}
             for key, (_, covers) in zip(keys, wanted, strict=True):
                 for peer_id in walks[key].providers:
@@ -356,12 +397,19 @@ class Discovery:
 
     # ---- the walk --------------------------------------------------------------------
 
-    async def _lookup(self, keys: list[bytes], *, values: bool) -> dict[bytes, _Walk]:
+    async def _lookup(
+        self,
+        keys: list[bytes],
+        *,
+        values: bool,
+        expected: dict[bytes, frozenset[str]] | None = None,
+    ) -> dict[bytes, _Walk]:
         """Kademlia's iterative lookup toward every key at once: keep
         ``_Walk.wanted_in_flight`` requests in flight per key to the closest peers not yet
         asked, learn the closer peers they name, stop a key when the closest that answered
-        are closer than anyone not yet asked (``_Walk.done``). One request to a peer
-        carries every key it is asked about."""
+        are closer than anyone not yet asked (``_Walk.done``), or a provider lookup's
+        answers confirm what the last full walk found (``expected``, ``_Walk.confirmed``).
+        One request to a peer carries every key it is asked about."""
         dht = self._require_dht()
         table = dht.routing_table.get_peer_ids()
         walks: dict[bytes, _Walk] = {}
@@ -371,6 +419,7 @@ class Discovery:
                 alpha=self.config.alpha,
                 quorum=self.config.replication,
                 known=sort_peer_ids_by_distance(key, table),
+                expected=(expected or {}).get(key, frozenset()),
             )
             walk.providers.update(str(i.peer_id) for i in dht.provider_store.get_providers(key))
             local = dht.value_store.get(key) if values else None
@@ -389,7 +438,7 @@ class Discovery:
                     continue
                 walk.answered.add(peer)
                 walk.learn(found[index].closer)
-                walk.providers.update(str(p) for p in found[index].providers)
+                walk.heard(frozenset(str(p) for p in found[index].providers))
                 value = found[index].value
                 if value is not None:
                     walk.values.append(value)

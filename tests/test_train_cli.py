@@ -104,6 +104,7 @@ def test_local_training_checkpoints_and_resumes_where_it_stopped(
         (["--local", "--codec", "fp8"], 2, "use one of"),
         (["--local", "--seq", "4096"], 1, "pass a smaller --seq"),
         (["--local", "--outer-momentum", "1"], 2, "--outer-momentum in [0, 1)"),
+        (["--local", "--decay"], 2, "--decay needs --rounds"),
     ],
 )
 def test_bad_options_say_what_to_do(

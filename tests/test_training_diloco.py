@@ -252,3 +252,18 @@ def test_diloco_lowers_held_out_loss_on_a_tiny_byte_model(
     assert initial > 5.0
     assert losses[-1] < unigram - 0.5, (initial, unigram, losses)
     assert losses[-1] < losses[0] < initial
+
+
+def test_inner_learning_rate_schedule() -> None:
+    constant = DilocoConfig(inner_lr=2e-3)
+    assert [constant.inner_lr_at(s) for s in (0, 1, 10**6)] == [2e-3] * 3
+    warm = DilocoConfig(inner_lr=2e-3, warmup_steps=4)
+    assert [warm.inner_lr_at(s) for s in range(6)] == pytest.approx(
+        [5e-4, 1e-3, 1.5e-3, 2e-3, 2e-3, 2e-3]
+    )
+    cosine = DilocoConfig(inner_lr=2e-3, warmup_steps=100, decay_steps=600)
+    assert cosine.inner_lr_at(99) == pytest.approx(2e-3)
+    assert cosine.inner_lr_at(100) == pytest.approx(2e-3)
+    assert cosine.inner_lr_at(350) == pytest.approx(2e-3 * 0.55)  # halfway: 0.1 + 0.45
+    assert cosine.inner_lr_at(600) == pytest.approx(2e-4)
+    assert cosine.inner_lr_at(5000) == pytest.approx(2e-4)  # stays at 10 % past the end

@@ -528,6 +528,13 @@ def train(
     batch: Annotated[int, typer.Option(help="sequences per inner step")] = 8,
     seq: Annotated[int, typer.Option(help="tokens per sequence")] = 128,
     lr: Annotated[float, typer.Option(help="inner AdamW learning rate")] = 1e-3,
+    warmup: Annotated[int, typer.Option(help="inner steps of linear lr warm-up")] = 0,
+    decay: Annotated[
+        bool,
+        typer.Option(
+            "--decay", help="cosine-decay the inner lr to 10 % at the last round (needs --rounds)"
+        ),
+    ] = False,
     outer_lr: Annotated[float, typer.Option(help="outer Nesterov learning rate")] = 0.7,
     outer_momentum: Annotated[float, typer.Option(help="outer Nesterov momentum")] = 0.9,
     scratch: Annotated[
@@ -569,6 +576,8 @@ def train(
         batch=batch,
         seq=seq,
         inner_lr=lr,
+        warmup=warmup,
+        decay=decay,
         outer_lr=outer_lr,
         outer_momentum=outer_momentum,
         scratch=scratch,

@@ -54,6 +54,8 @@ class TrainOptions:
     batch: int = 8
     seq: int = 128
     inner_lr: float = 1e-3
+    warmup: int = 0
+    decay: bool = False
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     scratch: bool = False
@@ -71,6 +73,8 @@ def check_options(options: TrainOptions) -> None:
         raise NodeError("--inner-steps, --batch must be >= 1 and --seq >= 2")
     if options.rounds is not None and options.rounds < 1:
         raise NodeError("--rounds must be >= 1 (leave it out to train until Ctrl-C)")
+    if options.warmup < 0 or (options.decay and options.rounds is None):
+        raise NodeError("--warmup must be >= 0, and --decay needs --rounds (when to reach 10 %)")
     if not (options.outer_lr > 0 and 0 <= options.outer_momentum < 1):
         raise NodeError("--outer-lr must be > 0 and --outer-momentum in [0, 1)")
 
@@ -122,6 +126,10 @@ def build_peer(options: TrainOptions) -> tuple[DilocoPeer, torch.Tensor]:
         inner_lr=options.inner_lr,
         outer_lr=options.outer_lr,
         outer_momentum=options.outer_momentum,
+        warmup_steps=options.warmup,
+        decay_steps=options.rounds * options.inner_steps
+        if options.decay and options.rounds is not None
+        else None,
     )
     return DilocoPeer(model, batches, diloco, run_id=options.run), held
 

@@ -41,6 +41,9 @@ class DilocoConfig:
     inner_lr, inner_betas, inner_weight_decay, grad_clip: the local AdamW (weight decay
         on tensors of 2+ dimensions only; ``grad_clip`` None: no clipping).
     outer_lr, outer_momentum: the outer Nesterov SGD (the DiLoCo paper's 0.7 and 0.9).
+    warmup_steps, decay_steps: the inner learning rate's schedule over the run's inner
+        steps (round x H + step, the same on every peer): a linear warm-up, then, with
+        ``decay_steps``, a cosine decay to 10 % at that step; constant without either.
     """
 
     inner_steps: int = 50
@@ -50,6 +53,18 @@ class DilocoConfig:
     grad_clip: float | None = 1.0
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
+    warmup_steps: int = 0
+    decay_steps: int | None = None
+
+    def inner_lr_at(self, step: int) -> float:
+        """The inner learning rate at inner step ``step`` of the run (0-based)."""
+        if step < self.warmup_steps:
+            return self.inner_lr * (step + 1) / self.warmup_steps
+        if self.decay_steps is None:
+            return self.inner_lr
+        span = max(1, self.decay_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.inner_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @dataclass(slots=True)
@@ -195,7 +210,10 @@ class DilocoPeer:
         load_flat(self.model, self.state.params, self.state.layout)
         self.model.train()
         losses = []
-        for _ in range(self.config.inner_steps):
+        first = self.state.round * self.config.inner_steps
+        for i in range(self.config.inner_steps):
+            for group in self.inner.param_groups:
+                group["lr"] = self.config.inner_lr_at(first + i)
             loss = self.loss_fn(self.model, self.batches())
             self.inner.zero_grad(set_to_none=True)
             loss.backward()

@@ -8,6 +8,7 @@ import struct
 from collections.abc import AsyncIterator
 
 import msgpack
+import multiaddr
 import pytest
 import trio
 from libp2p.custom_types import TProtocol
@@ -229,3 +230,18 @@ async def test_private_swarm_key() -> None:
             peer = await member.connect(target)
             assert (await call_ping(member, peer, b"inside")).intact
         assert len(server.links()) <= 1
+
+
+async def test_a_dial_to_a_full_address_is_not_shadowed_by_a_stale_one() -> None:
+    # py-libp2p dials one address per transport class, the first it stored: a peer that
+    # restarted on a new port stayed unreachable while its old address was remembered
+    async with loopback_host() as server, loopback_host(dial_timeout=5) as client:
+        serve_ping(server)
+        served = str(server.listen_addrs()[0])
+        with trio.socket.socket() as placeholder:  # a port nothing listens on
+            await placeholder.bind(("127.0.0.1", 0))
+            stale_port = placeholder.getsockname()[1]
+        stale = multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{stale_port}")
+        client.libp2p.get_peerstore().add_addrs(server.peer_id, [stale], 3600)
+        assert await client.connect(served) == server.peer_id
+        assert (await call_ping(client, server.peer_id, b"new port")).intact

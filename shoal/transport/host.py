@@ -36,6 +36,10 @@ design/libp2p-notes.md applied here:
     addresses each time): together 15-20 % of a busy node's time;
 13. gossipsub's inbound streams are read through a buffer: py-libp2p reads each RPC's
     varint length a byte at a time, and each of those reads went through yamux's locks.
+14. an explicit dial of a full address dials that address: py-libp2p dials at most one
+    address per transport class, the first it stored, so a peer's stale address (a
+    restart on a new port, remembered in the peer book) shadowed the one the user gave,
+    and every dial failed.
 
 The host also carries shoal's two call paths: ``rpc`` (a stream per call) and
 ``channels`` (calls multiplexed on one long-lived stream per peer and protocol).
@@ -337,6 +341,8 @@ class Host:
         # Our callers pace their retries; py-libp2p's negative cache would otherwise refuse
         # every dial to a peer for 60 s after one failure, e.g. a bootstrap node restarting.
         self.libp2p.get_network().unblock_peer(info.peer_id)
+        if not self.is_connected(info.peer_id):  # workaround 14
+            self.libp2p.get_peerstore().clear_addrs(info.peer_id)
         try:
             with trio.fail_after(self.config.dial_timeout):
                 await self.libp2p.connect(info)

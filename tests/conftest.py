@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.keys import KeyPair
 
 from shoal.transport.host import Host, HostConfig, open_host
 
@@ -15,9 +16,14 @@ LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 
 @asynccontextmanager
-async def loopback_host(psk: str | None = None, dial_timeout: float = 5.0) -> AsyncIterator[Host]:
+async def loopback_host(
+    psk: str | None = None, dial_timeout: float = 5.0, key_pair: KeyPair | None = None
+) -> AsyncIterator[Host]:
     config = HostConfig(
-        key_pair=create_new_key_pair(), listen=(LOOPBACK,), psk=psk, dial_timeout=dial_timeout
+        key_pair=key_pair or create_new_key_pair(),
+        listen=(LOOPBACK,),
+        psk=psk,
+        dial_timeout=dial_timeout,
     )
     async with open_host(config) as host:
         yield host

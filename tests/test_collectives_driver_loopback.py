@@ -14,6 +14,7 @@ import pytest
 import torch
 import trio
 from conftest import loopback_host
+from libp2p.crypto.ed25519 import create_new_key_pair
 from test_collectives_support import reference
 
 from shoal.collectives import AllReduceResult, Member, make_view
@@ -87,3 +88,49 @@ async def test_a_bad_local_tensor_raises_before_anything_is_sent() -> None:
             await a.all_reduce(view, torch.ones(15))
         assert info.value.field == "shape"
         assert a.bytes_sent == 0 and a.operation("bad/0") is None
+
+
+async def test_a_member_restarted_with_its_identity_is_readmitted_for_later_operations() -> None:
+    key = create_new_key_pair()
+    async with drivers(2, DriverConfig(deadline=2.0, timeout=30)) as (a, b):
+
+        @asynccontextmanager
+        async def rejoin() -> AsyncIterator[CollectivesDriver]:
+            async with loopback_host(key_pair=key) as host:
+                for other in (a, b):
+                    await host.connect(other.host.listen_addrs()[0])
+                async with open_collectives(host, DriverConfig(deadline=2.0, timeout=30)) as c:
+                    yield c
+
+        async with rejoin() as c:
+            me = c.me
+        with trio.fail_after(10):  # the first process is gone: both see it fail
+            while not (me in a._failed and me in b._failed):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+
+        async def run(tag: str, ds: list[CollectivesDriver]) -> dict[str, AllReduceResult]:
+            view = make_view(tag, [Member(d.me) for d in (a, b)] + [Member(me)], (3000,))
+            xs = tensors(ds, 3000)
+            results: dict[str, AllReduceResult] = {}
+
+            async def one(d: CollectivesDriver) -> None:
+                results[d.me] = await d.all_reduce(view, xs[d.me])
+
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    for d in ds:
+                        nursery.start_soon(one, d)
+            return results
+
+        gone = await run("restart/0", [a, b])  # without it: the two survivors' average
+        assert {r.contributors for r in gone.values()} == {tuple(sorted((a.me, b.me)))}
+
+        async with rejoin() as c:  # the same peer id, a new process
+            assert c.me == me
+            with trio.fail_after(10):
+                while me in a._failed or me in b._failed:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            back = await run("restart/1", [a, b, c])
+        everyone = tuple(sorted((a.me, b.me, me)))
+        assert {r.contributors for r in back.values()} == {everyone}
+        assert len({r.digest for r in back.values()}) == 1

@@ -291,6 +291,19 @@ class CollectivesDriver:
                 running.finished_at = now
                 running.done.set()
 
+    async def _readmit(self, peer: str) -> None:
+        """A failed peer connected again (restarted with its identity): later operations
+        may count on it; a fresh outbox opens a new stream to it."""
+        if peer not in self._failed:
+            return
+        async with self._lock:
+            self._failed.discard(peer)
+            self.mux.readmit(peer)
+            box = self._outboxes.get(peer)
+            if box is not None and box.dead:
+                del self._outboxes[peer]
+        log.info("%s: peer %s is back; later operations count on it", self.me, peer)
+
     async def _peer_failed(self, peer: str, why: str) -> None:
         if peer in self._failed or peer == self.me:
             return
@@ -385,11 +398,15 @@ class CollectivesDriver:
 
 
 class _DisconnectNotifee(ConnectionNotifee):
-    """Reports a peer whose last connection closed."""
+    """Reports a peer whose last connection closed, and one that connected again."""
 
     def __init__(self, driver: CollectivesDriver) -> None:
         self.driver = driver
         self.active = True
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        if self.active:
+            await self.driver._readmit(str(conn.muxed_conn.peer_id))
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
         peer = conn.muxed_conn.peer_id

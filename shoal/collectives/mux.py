@@ -89,6 +89,11 @@ class Collectives:
         self._early = kept
         return out
 
+    def readmit(self, peer: str) -> None:
+        """``peer`` is back (a restarted process with its identity): operations started
+        from now on count it as alive; those that saw it fail keep it failed."""
+        self._failed.discard(peer)
+
     def receive(self, sender: str, data: bytes | memoryview) -> list[Send]:
         try:
             tag = str(wire.header_of(sender, data)["o"])

@@ -334,7 +334,7 @@ class WeightWindow:
         self.events: list[tuple[str, int]] = []
         self.loads = 0
         self._load = load
-        self._position = {index: i for i, index in enumerate(self.indices)}
+        self._known = set(self.indices)
         self._resident: OrderedDict[int, nn.Module] = OrderedDict()
         self._current: int | None = None
         self._failure: BaseException | None = None
@@ -345,7 +345,7 @@ class WeightWindow:
 
     def block(self, index: int) -> nn.Module:
         """Block ``index``, resident; blocks the caller until it is."""
-        if index not in self._position:
+        if index not in self._known:
             raise KeyError(f"block {index} is not in this window's span")
         with self._changed:
             self.events.append(("request", index))
@@ -375,31 +375,15 @@ class WeightWindow:
         if self._closed:
             raise WindowClosed("the weight window is closed")
 
-    def _wanted(self) -> list[int]:
-        """The blocks the window should hold, most urgent first: the current one and
-        those after it, in visiting order."""
-        first = self._position[self._current] if self._current is not None else 0
-        n = len(self.indices)
-        return [self.indices[(first + k) % n] for k in range(self.size)]
-
     def _next_load(self) -> int | None:
-        """Under the lock: the block to load now (releasing one if needed), or None."""
-        wanted = self._wanted()
-        missing = next((i for i in wanted if i not in self._resident), None)
-        if missing is None:
-            return None
-        if len(self._resident) >= self.size:
-            unwanted = [i for i in self._resident if i not in wanted]
-            if not unwanted:
-                return None
-            # the block needed furthest in the future goes first: the one just behind
-            first = self._position[wanted[0]]
-            n = len(self.indices)
-            victim = max(unwanted, key=lambda i: (self._position[i] - first) % n)
-            del self._resident[victim]
-            self.events.append(("release", victim))
-        self.events.append(("load", missing))
-        return missing
+        """Under the lock: the block to load now (releasing one first if needed), or None."""
+        release, load = next_step(list(self._resident), self._current, self.indices, self.size)
+        if release is not None:
+            del self._resident[release]
+            self.events.append(("release", release))
+        if load is not None:
+            self.events.append(("load", load))
+        return load
 
     def _prefetch(self) -> None:
         while True:
@@ -422,6 +406,29 @@ class WeightWindow:
                 self.events.append(("ready", index))
                 self._changed.notify_all()
             del block
+
+
+def next_step(
+    resident: Sequence[int], current: int | None, indices: Sequence[int], size: int
+) -> tuple[int | None, int | None]:
+    """(block to release, block to load) for a window of ``size`` over ``indices``
+    (visiting order, wrapping around) holding ``resident`` while ``current`` runs.
+
+    The window wants ``current`` and the ``size - 1`` blocks after it. It loads the first
+    one it lacks; when full, it first releases the resident block needed furthest in the
+    future, which in a cyclic visit is the one just behind ``current``.
+    """
+    position = {index: i for i, index in enumerate(indices)}
+    first = position[current] if current is not None else 0
+    n = len(indices)
+    wanted = [indices[(first + k) % n] for k in range(min(size, n))]
+    load = next((i for i in wanted if i not in resident), None)
+    if load is None or len(resident) < size:
+        return None, load
+    unwanted = [i for i in resident if i not in wanted]
+    if not unwanted:
+        return None, None
+    return max(unwanted, key=lambda i: (position[i] - first) % n), load
 
 
 # ---- a span whose blocks live in a window -----------------------------------------------

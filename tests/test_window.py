@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from shoal.kernels.sampling import SamplingParams
 from shoal.node.cli import app
-from shoal.node.config import NodeConfig, parse_size
+from shoal.node.config import NodeConfig, load_config, parse_size
 from shoal.node.errors import ConfigError
 from shoal.pipeline.errors import ModelLoadError
 from shoal.pipeline.generate import generate
@@ -133,6 +133,17 @@ def test_sizes(text: str, size: int) -> None:
 def test_bad_sizes_are_config_errors(text: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"max_memory .*expected a positive size such as 300MB"):
         NodeConfig(data_dir=tmp_path, max_memory=text)
+
+
+def test_max_memory_from_the_config_file_and_flags(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('max_memory = "1.5GiB"\n')
+    assert load_config(path, {"data_dir": tmp_path}).max_memory == "1.5GiB"
+    flags = {"data_dir": tmp_path, "max_memory": "300MB"}
+    assert parse_size(load_config(path, flags).max_memory or "") == 300_000_000
+    path.write_text("max_memory = 300\n")
+    with pytest.raises(ConfigError, match="max_memory: expected a string"):
+        load_config(path, {"data_dir": tmp_path})
 
 
 # ---- the window with a fake loader ------------------------------------------------------

@@ -360,3 +360,33 @@ def test_a_1gb_model_decodes_in_300mb_of_weight_memory(tmp_path: Path) -> None:
     assert bounded["weight_bytes"] < 300_000_000
     # the same measure sees the whole model when it is all there
     assert whole["weight_bytes"] > 1_000_000_000
+
+
+@pytest.mark.slow
+async def test_a_node_serving_every_block_under_a_bound_generates_the_same_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real `shoal node --max-memory 8MB` serving all 8 blocks of shoal-tiny (a window of
+    2 blocks), reached through the swarm client."""
+    from shoal.client import open_client
+    from tests.daemons import Daemon
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    boot = Daemon(tmp_path / "boot", ()).start()
+    server: Daemon | None = None
+    try:
+        args = ("--bootstrap", boot.addr, "--model", DEFAULT_MODEL, "--blocks", "0:8")
+        server = Daemon(tmp_path / "server", (*args, "--max-memory", "8MB")).start()
+        async with open_client([boot.addr]) as swarm:
+            tokens = [
+                t
+                async for t in swarm.generate_tokens(
+                    PROMPT, model=DEFAULT_MODEL, max_new_tokens=24, stop_ids=()
+                )
+            ]
+        assert tokens == greedy(load_span(DEFAULT_MODEL))
+        assert "a window of 2 block(s)" in server.log_path.read_text()
+    finally:
+        for daemon in (server, boot):
+            if daemon is not None:
+                daemon.kill()

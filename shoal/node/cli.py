@@ -98,6 +98,10 @@ def node(
         int | None,
         typer.Option(help="torch compute threads (default: cores minus one, at least 1)"),
     ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(help="bound on weight memory, e.g. 300MB or 1.5GiB (a window of blocks)"),
+    ] = None,
 ) -> None:
     """Run a node daemon and join a swarm (with --model: serve a span of a model)."""
     try:
@@ -127,6 +131,7 @@ def node(
                 "step_timeout": step_timeout,
                 "route_timeout": route_timeout,
                 "threads": threads,
+                "max_memory": max_memory,
             },
         )
         peer_id = _peer_id(config.data_dir)
@@ -332,6 +337,9 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="seed for reproducible sampling")] = None,
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (--local)")] = "fp32",
     quantize: Annotated[str | None, typer.Option(help="int8 or int4 weights (--local)")] = None,
+    max_memory: Annotated[
+        str | None, typer.Option(help="bound on weight memory, e.g. 300MB (--local)")
+    ] = None,
     chat: Annotated[
         bool, typer.Option("--chat", help="wrap the prompt in the model's chat template")
     ] = False,
@@ -353,6 +361,7 @@ def generate(
             seed=seed,
             dtype=dtype,
             quantize=quantize,
+            max_memory=max_memory,
             chat=chat,
         )
         return
@@ -455,13 +464,16 @@ def _generate_local(
     seed: int | None,
     dtype: str,
     quantize: str | None,
+    max_memory: str | None,
     chat: bool,
 ) -> None:
     from shoal.kernels.sampling import SamplingParams
+    from shoal.node.config import parse_size
     from shoal.pipeline.generate import GenerationStats
     from shoal.pipeline.generate import generate as generate_tokens
-    from shoal.pipeline.loading import load_span, load_tokenizer, open_checkpoint
+    from shoal.pipeline.loading import load_tokenizer, open_checkpoint
     from shoal.pipeline.tokenizer import StreamDecoder
+    from shoal.pipeline.window import WindowedSpan, load_bounded_span
 
     if dtype not in ("fp32", "bf16", "fp16"):
         _fail(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16", 2)
@@ -469,10 +481,23 @@ def _generate_local(
         checkpoint = open_checkpoint(model)
         tokenizer = load_tokenizer(checkpoint)
         text = tokenizer.render_chat([{"role": "user", "content": prompt}]) if chat else prompt
-        weights = load_span(checkpoint, dtype=dtype, quantize=quantize, progress=err.is_terminal)
+        weights = load_bounded_span(
+            checkpoint,
+            max_memory=None if max_memory is None else parse_size(max_memory),
+            dtype=dtype,
+            quantize=quantize,
+            progress=err.is_terminal,
+        )
     except Error as exc:
         _fail(str(exc), 2)
         return
+    if isinstance(weights, WindowedSpan):
+        window = weights.window
+        err.print(
+            f"--max-memory {max_memory}: a window of {window.size} of {len(window.indices)} "
+            "blocks in memory",
+            highlight=False,
+        )
     sampling = SamplingParams(
         temperature=temperature,
         top_k=top_k,
@@ -497,6 +522,9 @@ def _generate_local(
             sys.stdout.flush()
     except Error as exc:
         _fail(str(exc), 2)
+    finally:
+        if isinstance(weights, WindowedSpan):
+            weights.close()
     sys.stdout.write("\n")
     err.print(
         f"{stats.new_tokens} tokens; prompt {stats.prompt_tokens} tokens at "

@@ -60,6 +60,9 @@ class NodeConfig:
         the chain; seconds to wait for servers of missing blocks before an error.
     threads: torch compute threads of the served span (None: the machine's cores minus
         one, at least 1, so a core stays free for networking; see ``compute_threads``).
+    max_memory: a bound on the served span's weight memory, e.g. ``300MB`` or ``1.5GiB``
+        (see ``parse_size``); a span that does not fit keeps a sliding window of its
+        blocks in memory (docs/memory.md). None: no bound, the span loads whole.
     """
 
     data_dir: Path
@@ -86,6 +89,7 @@ class NodeConfig:
     step_timeout: float = 60.0
     route_timeout: float = 20.0
     threads: int | None = None
+    max_memory: str | None = None
 
     def compute_threads(self, cpu_count: int | None) -> int:
         """Torch threads for a machine with ``cpu_count`` cores (None: unknown)."""
@@ -129,6 +133,8 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be between 0.1 and 86400 seconds")
         if self.threads is not None and self.threads < 1:
             raise ConfigError("threads must be at least 1")
+        if self.max_memory is not None:
+            parse_size(self.max_memory)
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("api_key is empty; give a token or leave it out")
 
@@ -145,6 +151,38 @@ def parse_blocks(blocks: str) -> tuple[int, int] | int | None:
     raise ConfigError(
         f"blocks {blocks!r}: expected A:B with A < B (blocks A..B-1, e.g. 0:4), auto or auto:N"
     )
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(size: str) -> int:
+    """``300MB`` / ``1.5GiB`` / ``1048576`` -> bytes (kB, MB, GB, TB are powers of 1000;
+    KiB, MiB, GiB, TiB of 1024)."""
+    text = size.strip()
+    number = text.rstrip("kKmMgGtTiIbB ")
+    unit = text[len(number) :].strip().lower()
+    try:
+        value = float(number) * _SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        value = -1.0
+    if not 1 <= value < 2**60:  # also false for nan
+        raise ConfigError(
+            f"max_memory {size!r}: expected a positive size such as 300MB, 1.5GiB or "
+            "4000000000 (units B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        )
+    return int(value)
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
@@ -210,6 +248,7 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> NodeConfig:
         "dtype",
         "quantize",
         "api_key",
+        "max_memory",
     ):
         if name in coerced and not isinstance(coerced[name], str):
             raise ConfigError(f"{name}: expected a string ({types[name]})")

@@ -29,15 +29,16 @@ from shoal.client import SwarmClient
 from shoal.dht.discovery import Discovery, DiscoveryConfig
 from shoal.dht.records import ServerRecord
 from shoal.node.api import build_api, serve_api
-from shoal.node.config import NodeConfig, parse_blocks
+from shoal.node.config import NodeConfig, parse_blocks, parse_size
 from shoal.node.errors import NodeError
 from shoal.node.openai_api import openai_routes
 from shoal.node.swarm_backend import SwarmBackend
 from shoal.pipeline.chain import ChainConfig, RemoteSwarm
-from shoal.pipeline.loading import builtin_models, load_span, open_checkpoint, resolve_model
+from shoal.pipeline.loading import builtin_models, open_checkpoint, resolve_model
 from shoal.pipeline.model import Span
 from shoal.pipeline.routing import choose_span
 from shoal.pipeline.serving import ModelFiles, ServerConfig, SpanServer, measure_throughput
+from shoal.pipeline.window import WindowedSpan, load_bounded_span
 from shoal.state.document import SwarmState
 from shoal.state.store import load_state, state_path
 from shoal.state.sync import StateSync, SyncConfig
@@ -298,8 +299,11 @@ async def serve_model(node: Node, *, task_status: TaskStatus[SpanServer]) -> Non
     start, end = await _pick_span(node, model_id, num_blocks)
     span = Span(start=start, end=end, embed=start == 0, head=end == num_blocks)
     log.info("loading blocks %d:%d of %s (%d blocks)", start, end, model_id, num_blocks)
+    max_memory = None if config.max_memory is None else parse_size(config.max_memory)
     weights = await trio.to_thread.run_sync(
-        lambda: load_span(checkpoint, span, dtype=config.dtype, quantize=config.quantize)
+        lambda: load_bounded_span(
+            checkpoint, span, max_memory=max_memory, dtype=config.dtype, quantize=config.quantize
+        )
     )
     throughput = await trio.to_thread.run_sync(measure_throughput, weights)
     files = await trio.to_thread.run_sync(ModelFiles.read, checkpoint.directory)
@@ -315,12 +319,16 @@ async def serve_model(node: Node, *, task_status: TaskStatus[SpanServer]) -> Non
         ),
         throughput=throughput,
     )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        node.discovery.announce(model_id, start, end)
-        node.sync.write("models", model_id, {"num_blocks": num_blocks})
-        log.info("serving blocks %d:%d of %s at %.1f steps/s", start, end, model_id, throughput)
-        task_status.started(server)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            node.discovery.announce(model_id, start, end)
+            node.sync.write("models", model_id, {"num_blocks": num_blocks})
+            log.info("serving blocks %d:%d of %s at %.1f steps/s", start, end, model_id, throughput)
+            task_status.started(server)
+    finally:
+        if isinstance(weights, WindowedSpan):  # stops its prefetch thread
+            weights.close()
 
 
 def set_torch_threads(config: NodeConfig) -> int:

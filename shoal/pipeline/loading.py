@@ -93,7 +93,7 @@ def open_checkpoint(name_or_path: str | Path) -> Checkpoint:
     config = ModelConfig.from_hf(raw, config_path)
     weight_files: dict[str, Path] = {}
     for path in _weight_files(directory):
-        for name in _safetensors_header(path):
+        for name in safetensors_header(path):
             weight_files[name] = path
     return Checkpoint(directory, config, weight_files, raw)
 
@@ -125,7 +125,7 @@ def _weight_files(directory: Path) -> list[Path]:
     )
 
 
-def _safetensors_header(path: Path) -> dict[str, Any]:
+def safetensors_header(path: Path) -> dict[str, Any]:
     """Tensor entries of a safetensors header, after checking the file holds all their bytes."""
     size = path.stat().st_size
     with path.open("rb") as f:

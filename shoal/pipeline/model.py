@@ -197,10 +197,27 @@ class DecoderSpan(nn.Module):
         else:
             start = int(positions[0])
         cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
-        for name, block in self.layers.items():
+        for name in self.layers:
             layer_cache = cache.layers[int(name)] if cache is not None else None
-            hidden = block(hidden, cos, sin, start, layer_cache)
+            hidden = self.run_block(int(name), hidden, cos, sin, start, layer_cache)
         return hidden
+
+    def block(self, index: int) -> nn.Module:
+        """Block ``index`` (absolute), ready to run; a windowed span loads it first."""
+        return self.layers[str(index)]
+
+    def run_block(
+        self,
+        index: int,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start: int,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        """Block ``index`` over ``hidden``; holds no reference to the block afterwards,
+        so that a windowed span can release it."""
+        return self.block(index)(hidden, cos, sin, start, cache)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states ``[B, T, D]`` -> logits ``[B, T, vocab]`` (final norm + LM head)."""

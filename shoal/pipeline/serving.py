@@ -412,7 +412,7 @@ def run_blocks(
     positions = torch.arange(position, position + hidden.shape[1], device=hidden.device)
     cos, sin = weights.rotary.cos_sin(positions, hidden.dtype)
     for block in range(start, end):
-        hidden = weights.layers[str(block)](hidden, cos, sin, position, cache.layers[block])
+        hidden = weights.run_block(block, hidden, cos, sin, position, cache.layers[block])
     return hidden
 
 

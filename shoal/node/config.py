@@ -60,6 +60,11 @@ class NodeConfig:
         the chain; seconds to wait for servers of missing blocks before an error.
     threads: torch compute threads of the served span (None: the machine's cores minus
         one, at least 1, so a core stays free for networking; see ``compute_threads``).
+    tp_group: serve ``--blocks`` together with the nodes that give the same name, model
+        and blocks: a tensor-parallel group (docs/tensor-parallel.md); None: alone.
+    tp_size: members the group waits for before it forms (None: those seen within
+        ``TP_LISTEN`` seconds). tp_topology: all-reduce ``auto`` (by measured round trip),
+        ``star`` or ``ring``. tp_weight: this member's share weight (None: measured speed).
     """
 
     data_dir: Path
@@ -86,6 +91,10 @@ class NodeConfig:
     step_timeout: float = 60.0
     route_timeout: float = 20.0
     threads: int | None = None
+    tp_group: str | None = None
+    tp_size: int | None = None
+    tp_topology: str = "auto"
+    tp_weight: float | None = None
 
     def compute_threads(self, cpu_count: int | None) -> int:
         """Torch threads for a machine with ``cpu_count`` cores (None: unknown)."""
@@ -131,6 +140,25 @@ class NodeConfig:
             raise ConfigError("threads must be at least 1")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("api_key is empty; give a token or leave it out")
+        self._check_tp()
+
+    def _check_tp(self) -> None:
+        if self.tp_group is None:
+            return
+        if not self.tp_group or not all(c.isalnum() or c in "-_." for c in self.tp_group):
+            raise ConfigError(f"tp_group {self.tp_group!r}: use letters, digits, '-', '_', '.'")
+        if (
+            self.model is None
+            or self.blocks is None
+            or not isinstance(parse_blocks(self.blocks), tuple)
+        ):
+            raise ConfigError("tp_group: give --model and --blocks A:B (the span the group serves)")
+        if self.tp_size is not None and not 1 <= self.tp_size <= 64:
+            raise ConfigError("tp_size must be between 1 and 64")
+        if self.tp_topology not in ("auto", "star", "ring"):
+            raise ConfigError(f"tp_topology {self.tp_topology!r}: use auto, star or ring")
+        if self.tp_weight is not None and not 0 < self.tp_weight < 1e9:
+            raise ConfigError("tp_weight must be a positive number")
 
 
 def parse_blocks(blocks: str) -> tuple[int, int] | int | None:
@@ -210,13 +238,17 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> NodeConfig:
         "dtype",
         "quantize",
         "api_key",
+        "tp_group",
+        "tp_topology",
     ):
         if name in coerced and not isinstance(coerced[name], str):
             raise ConfigError(f"{name}: expected a string ({types[name]})")
-    for name in ("target_peers", "max_sessions", "max_cache_tokens", "threads"):
+    for name in ("target_peers", "max_sessions", "max_cache_tokens", "threads", "tp_size"):
         if name in coerced and not isinstance(coerced[name], int):
             raise ConfigError(f"{name}: expected an integer")
     for name in ("offline_after", "dht_refresh", "session_idle", "step_timeout", "route_timeout"):
         if name in coerced and not isinstance(coerced[name], int | float):
             raise ConfigError(f"{name}: expected a number of seconds")
+    if "tp_weight" in coerced and not isinstance(coerced["tp_weight"], int | float):
+        raise ConfigError("tp_weight: expected a number")
     return NodeConfig(**coerced)

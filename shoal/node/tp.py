@@ -144,7 +144,8 @@ async def _serve_as_leader(
     config = node.config
     weights = group.weights
     throughput = await trio.to_thread.run_sync(
-        lambda: measure_throughput(weights, runner=group.run_blocks)
+        # a short measurement: every all-reduce of it crosses the network
+        lambda: measure_throughput(weights, steps=4, prefill=4, runner=group.run_blocks)
     )
     files = await trio.to_thread.run_sync(ModelFiles.read, directory)
     server = SpanServer(

@@ -17,6 +17,7 @@ from shoal.kernels import codecs
 from shoal.pipeline.loading import load_span, open_checkpoint
 from shoal.pipeline.tensor_parallel import SplitError, plan_split, shard_weights
 from shoal.pipeline.tp_group import (
+    GroupJoin,
     GroupPlan,
     LinkCost,
     TensorGroup,
@@ -217,3 +218,45 @@ async def test_bad_frames_get_typed_errors_and_the_group_keeps_working() -> None
         hidden = full.embed(torch.tensor([[5, 6]]))
         got = await leader.leader_step(hidden, leader.weights.new_cache(), 0, 0, 8)
         torch.testing.assert_close(got, full.blocks_forward(hidden), atol=2e-5, rtol=1e-5)
+
+
+async def test_a_member_joins_only_its_leaders_plan_for_its_own_group() -> None:
+    checkpoint = open_checkpoint(TINY)
+    full = load_span(checkpoint)
+    members = peer_ids(2)
+    split = plan_split(checkpoint.config, dict.fromkeys(members, 1.0))
+    plan = GroupPlan(
+        group="g", model=TINY, start=0, end=8, split=split, addrs={},
+        cost=LinkCost(rtt=1e-3, seconds_per_byte=1e-8), topology="auto",
+    )  # fmt: skip
+    host = MemoryHost(members[1], MemoryNet())
+    host.is_connected = lambda peer: True  # type: ignore[attr-defined]
+    loaded: list[int] = []
+
+    def load(shard: Any) -> Any:
+        loaded.append(shard.rank)
+        return shard_weights(full, shard)
+
+    join = GroupJoin(host, group="g", model=TINY, start=0, end=8, load=load)  # type: ignore[arg-type]
+    leader, stranger = ID.from_base58(members[0]), ID.from_base58(peer_ids(1)[0])
+    refused = [
+        (stranger, plan.to_wire()),  # not from its leader
+        (leader, plan.to_wire() | {"group": "other"}),
+        (leader, plan.to_wire() | {"end": 4}),
+        (leader, plan.to_wire() | {"members": "garbage"}),
+    ]
+    for sender, body in refused:
+        with pytest.raises(RpcError) as caught:
+            await join.handle(sender, Message(body))
+        assert caught.value.code == "bad_request"
+    with pytest.raises(RpcError) as caught:  # no group yet: steps are refused
+        await join.handle(leader, Message({"op": "step"}))
+    assert caught.value.code == "not_formed"
+    assert loaded == []
+    assert (await join.handle(leader, Message(plan.to_wire()))).body == {"ok": True}
+    assert loaded == [1] and join.group is not None and join.group.rank == 1
+    with pytest.raises(RpcError) as caught:
+        await join.handle(leader, Message(plan.to_wire()))
+    assert caught.value.code == "already_formed"
+    echo = await join.handle(stranger, Message({"op": "echo"}, b"ping"))
+    assert bytes(echo.payload) == b"ping"

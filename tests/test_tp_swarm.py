@@ -33,7 +33,7 @@ def one_thread_per_process() -> Iterator[None]:
     measured itself, so it may take longer than a lone node on a loaded box."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
-        patch.setattr(daemons, "START_TIMEOUT", 120.0)
+        patch.setattr(daemons, "START_TIMEOUT", 300.0)
         yield
 
 

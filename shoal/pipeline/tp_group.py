@@ -72,6 +72,11 @@ TP = ChannelProtocol(
     max_response=MAX_MESSAGE,
     timeout=600.0,  # a plan call lasts as long as the member loads its slices
     max_concurrent=64,
+    # A group's few streams live as long as the group. With the defaults (20 s / 60 s), a
+    # group idle for a minute on a starved box had the server close a stream just as the
+    # caller reused it; a step call is not idempotent, so that broke the group.
+    idle_close=3600.0,
+    idle_timeout=7200.0,
 )
 
 

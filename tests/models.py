@@ -23,9 +23,12 @@ _COMMON: dict[str, Any] = {
 }
 
 
-def hf_config(family: str) -> Any:
-    """A small config per family; each exercises what sets its family apart."""
+def hf_config(family: str, **overrides: Any) -> Any:
+    """A small config per family; each exercises what sets its family apart. ``overrides``
+    replace entries of the common part (e.g. more heads)."""
     import transformers
+
+    common = _COMMON | overrides
 
     if family == "llama":  # GQA, Llama 3 rope scaling, untied head
         rope = {
@@ -36,22 +39,31 @@ def hf_config(family: str) -> Any:
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 32,
         }
-        return transformers.LlamaConfig(**_COMMON, rope_parameters=rope)
+        return transformers.LlamaConfig(**common, rope_parameters=rope)
     if family == "mistral":  # explicit head_dim != hidden/heads, sliding window
-        return transformers.MistralConfig(**_COMMON, head_dim=24, sliding_window=16)
+        return transformers.MistralConfig(**common, head_dim=24, sliding_window=16)
     if family == "qwen2":  # q/k/v bias, tied embeddings
-        return transformers.Qwen2Config(**_COMMON, tie_word_embeddings=True)
+        return transformers.Qwen2Config(**common, tie_word_embeddings=True)
     if family == "qwen3":  # q/k norm
-        return transformers.Qwen3Config(**_COMMON, head_dim=32, tie_word_embeddings=False)
+        return transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
     raise ValueError(family)
 
 
-def save_hf_model(family: str, directory: Path, *, seed: int = 0, **save: Any) -> Any:
-    """Build a random model of ``family`` and ``save_pretrained`` it; returns the model (fp32, eval)."""
+def save_hf_model(
+    family: str,
+    directory: Path,
+    *,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    **save: Any,
+) -> Any:
+    """Build a random model of ``family`` (``config``: overrides of the common config) and
+    ``save_pretrained`` it; returns the model (fp32, eval)."""
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(family)).eval()
+    built = hf_config(family, **(config or {}))
+    model = transformers.AutoModelForCausalLM.from_config(built).eval()
     with torch.no_grad():  # random biases and norm weights, so that parity checks them too
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:

@@ -52,3 +52,35 @@ def test_bad_config(tmp_path: Path, toml: str, flags: dict, message: str) -> Non
     path.write_text(toml)
     with pytest.raises(ConfigError, match=message):
         load_config(path, flags)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"tp_group": "g"}, "give --model and --blocks A:B"),
+        ({"tp_group": "g", "model": "m", "blocks": "auto"}, "give --model and --blocks A:B"),
+        ({"tp_group": "g h", "model": "m", "blocks": "0:4"}, "tp_group 'g h'"),
+        ({"tp_group": "g", "model": "m", "blocks": "0:4", "tp_topology": "mesh"}, "auto, star"),
+        ({"tp_group": "g", "model": "m", "blocks": "0:4", "tp_size": 0}, "tp_size"),
+        ({"tp_group": "g", "model": "m", "blocks": "0:4", "tp_weight": -1.0}, "tp_weight"),
+        ({"tp_group": "g", "model": "m", "blocks": "0:4", "tp_weight": "x"}, "tp_weight"),
+        (
+            {"tp_group": "g", "model": "m", "blocks": "0:4", "max_memory": "300MB"},
+            "max_memory together are not supported",
+        ),
+    ],
+)
+def test_tensor_parallel_flags_are_checked(tmp_path: Path, flags: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {"data_dir": tmp_path} | flags)
+
+
+def test_tensor_parallel_flags(tmp_path: Path) -> None:
+    flags = {"tp_group": "lan", "model": "m", "blocks": "0:4", "tp_size": 3, "tp_weight": 2}
+    config = load_config(None, {"data_dir": tmp_path} | flags)
+    assert (config.tp_group, config.tp_size, config.tp_topology, config.tp_weight) == (
+        "lan",
+        3,
+        "auto",
+        2,
+    )

@@ -102,6 +102,22 @@ def node(
         str | None,
         typer.Option(help="bound on weight memory, e.g. 300MB or 1.5GiB (a window of blocks)"),
     ] = None,
+    tp_group: Annotated[
+        str | None,
+        typer.Option(
+            help="serve --blocks as one tensor-parallel group with the nodes of this name"
+        ),
+    ] = None,
+    tp_size: Annotated[
+        int | None, typer.Option(help="tensor-parallel group: members to wait for")
+    ] = None,
+    tp_topology: Annotated[
+        str | None, typer.Option(help="tensor-parallel all-reduce: auto, star or ring (auto)")
+    ] = None,
+    tp_weight: Annotated[
+        float | None,
+        typer.Option(help="tensor-parallel share weight (default: measured matmul speed)"),
+    ] = None,
 ) -> None:
     """Run a node daemon and join a swarm (with --model: serve a span of a model)."""
     try:
@@ -132,6 +148,10 @@ def node(
                 "route_timeout": route_timeout,
                 "threads": threads,
                 "max_memory": max_memory,
+                "tp_group": tp_group,
+                "tp_size": tp_size,
+                "tp_topology": tp_topology,
+                "tp_weight": tp_weight,
             },
         )
         peer_id = _peer_id(config.data_dir)

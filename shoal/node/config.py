@@ -63,6 +63,11 @@ class NodeConfig:
     max_memory: a bound on the served span's weight memory, e.g. ``300MB`` or ``1.5GiB``
         (see ``parse_size``); a span that does not fit keeps a sliding window of its
         blocks in memory (docs/memory.md). None: no bound, the span loads whole.
+    tp_group: serve ``--blocks`` together with the nodes that give the same name, model
+        and blocks: a tensor-parallel group (docs/tensor-parallel.md); None: alone.
+    tp_size: members the group waits for before it forms (None: those seen within
+        ``TP_LISTEN`` seconds). tp_topology: all-reduce ``auto`` (by measured round trip),
+        ``star`` or ``ring``. tp_weight: this member's share weight (None: measured speed).
     """
 
     data_dir: Path
@@ -90,6 +95,10 @@ class NodeConfig:
     route_timeout: float = 20.0
     threads: int | None = None
     max_memory: str | None = None
+    tp_group: str | None = None
+    tp_size: int | None = None
+    tp_topology: str = "auto"
+    tp_weight: float | None = None
 
     def compute_threads(self, cpu_count: int | None) -> int:
         """Torch threads for a machine with ``cpu_count`` cores (None: unknown)."""
@@ -137,6 +146,30 @@ class NodeConfig:
             parse_size(self.max_memory)
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("api_key is empty; give a token or leave it out")
+        self._check_tp()
+
+    def _check_tp(self) -> None:
+        if self.tp_group is None:
+            return
+        if not self.tp_group or not all(c.isalnum() or c in "-_." for c in self.tp_group):
+            raise ConfigError(f"tp_group {self.tp_group!r}: use letters, digits, '-', '_', '.'")
+        if (
+            self.model is None
+            or self.blocks is None
+            or not isinstance(parse_blocks(self.blocks), tuple)
+        ):
+            raise ConfigError("tp_group: give --model and --blocks A:B (the span the group serves)")
+        if self.tp_size is not None and not 1 <= self.tp_size <= 64:
+            raise ConfigError("tp_size must be between 1 and 64")
+        if self.tp_topology not in ("auto", "star", "ring"):
+            raise ConfigError(f"tp_topology {self.tp_topology!r}: use auto, star or ring")
+        if self.tp_weight is not None and not 0 < self.tp_weight < 1e9:
+            raise ConfigError("tp_weight must be a positive number")
+        if self.max_memory is not None:
+            raise ConfigError(
+                "tp_group and max_memory together are not supported yet: a group member "
+                "loads its slices whole; drop --max-memory, or give the group more members"
+            )
 
 
 def parse_blocks(blocks: str) -> tuple[int, int] | int | None:
@@ -249,13 +282,17 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> NodeConfig:
         "quantize",
         "api_key",
         "max_memory",
+        "tp_group",
+        "tp_topology",
     ):
         if name in coerced and not isinstance(coerced[name], str):
             raise ConfigError(f"{name}: expected a string ({types[name]})")
-    for name in ("target_peers", "max_sessions", "max_cache_tokens", "threads"):
+    for name in ("target_peers", "max_sessions", "max_cache_tokens", "threads", "tp_size"):
         if name in coerced and not isinstance(coerced[name], int):
             raise ConfigError(f"{name}: expected an integer")
     for name in ("offline_after", "dht_refresh", "session_idle", "step_timeout", "route_timeout"):
         if name in coerced and not isinstance(coerced[name], int | float):
             raise ConfigError(f"{name}: expected a number of seconds")
+    if "tp_weight" in coerced and not isinstance(coerced["tp_weight"], int | float):
+        raise ConfigError("tp_weight: expected a number")
     return NodeConfig(**coerced)

@@ -33,11 +33,13 @@ from shoal.node.config import NodeConfig, parse_blocks, parse_size
 from shoal.node.errors import NodeError
 from shoal.node.openai_api import openai_routes
 from shoal.node.swarm_backend import SwarmBackend
+from shoal.node.tp import serve_tp_member
 from shoal.pipeline.chain import ChainConfig, RemoteSwarm
 from shoal.pipeline.loading import builtin_models, open_checkpoint, resolve_model
 from shoal.pipeline.model import Span
 from shoal.pipeline.routing import choose_span
 from shoal.pipeline.serving import ModelFiles, ServerConfig, SpanServer, measure_throughput
+from shoal.pipeline.tp_group import TensorGroup
 from shoal.pipeline.window import WindowedSpan, load_bounded_span
 from shoal.state.document import SwarmState
 from shoal.state.store import load_state, state_path
@@ -73,6 +75,7 @@ class Node:
     client: SwarmClient
     api_url: str | None = None
     server: SpanServer | None = None
+    tp_group: TensorGroup | None = None
 
     def status(self) -> dict[str, Any]:
         return {
@@ -101,6 +104,7 @@ class Node:
                 }
                 for peer, outcome in self.nat.punches().items()
             },
+            "tp_group": self.tp_group.info() if self.tp_group is not None else None,
         }
 
     def swarm(self) -> dict[str, Any]:
@@ -261,7 +265,9 @@ async def run_node(
                 await nursery.start(nat.run)
                 await nursery.start(sync.run)
                 await nursery.start(discovery.run)
-                if config.model is not None:
+                if config.model is not None and config.tp_group is not None:
+                    node.server = await nursery.start(serve_tp_member, node)
+                elif config.model is not None:
                     node.server = await nursery.start(serve_model, node)
                 nursery.start_soon(_publish_roster, node)
                 if config.api is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 #: Seconds a server keeps back from its own deadline when it calls the next hop, so that
 #: a hop that hangs is reported by its caller before the client gives up on the caller.
 FORWARD_MARGIN = 0.5
+
+#: ``runner(weights, hidden, cache, position, start, end)``: how a server runs blocks
+#: ``start..end-1`` (:func:`run_blocks`; a tensor-parallel leader runs its whole group).
+BlockRunner = Callable[[DecoderSpan, torch.Tensor, SpanCache, int, int, int], torch.Tensor]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,8 +122,10 @@ class SpanServer:
         config: ServerConfig,
         *,
         throughput: float = 0.0,
+        block_runner: BlockRunner | None = None,
     ) -> None:
         self.host = host
+        self.block_runner = block_runner or run_blocks
         self.model_id = model_id
         self.weights = weights
         self.files = files
@@ -340,7 +346,7 @@ class SpanServer:
         for size in step.chunks:
             part = inputs[:, offset : offset + size]
             hidden = weights.embed(part) if hop.start == 0 else part
-            hidden = run_blocks(weights, hidden, session.cache, position, hop.start, hop.end)
+            hidden = self.block_runner(weights, hidden, session.cache, position, hop.start, hop.end)
             outputs.append(hidden)
             position += size
             offset += size
@@ -433,9 +439,17 @@ async def connect(host: Host, hop: Hop) -> ID:
     return peer  # no address: libp2p may still know one
 
 
-def measure_throughput(weights: DecoderSpan, *, steps: int = 8, prefill: int = 16) -> float:
+def measure_throughput(
+    weights: DecoderSpan,
+    *,
+    steps: int = 8,
+    prefill: int = 16,
+    runner: BlockRunner | None = None,
+) -> float:
     """Decode steps per second of ``weights``' whole span (blocks, plus the embedding and
-    head when it holds them), after a short prefill; blocking (run it on a thread)."""
+    head when it holds them), after a short prefill; blocking (run it on a thread).
+    ``runner`` runs the blocks (default :func:`run_blocks`)."""
+    run = runner or run_blocks
     config = weights.config
     with torch.inference_mode():
         cache = weights.new_cache(batch=1)
@@ -445,9 +459,7 @@ def measure_throughput(weights: DecoderSpan, *, steps: int = 8, prefill: int = 1
                 hidden = weights.embed(torch.zeros(1, length, dtype=torch.long))
             else:
                 hidden = torch.zeros(1, length, config.hidden_size, dtype=weights.dtype)
-            hidden = run_blocks(
-                weights, hidden, cache, position, weights.span.start, weights.span.end
-            )
+            hidden = run(weights, hidden, cache, position, weights.span.start, weights.span.end)
             if weights.lm_head is not None:
                 weights.head(hidden[:, -1:])
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shoal.node.config import load_config
+from shoal.node.config import PI_MEMORY_SHARE, board_model, load_config, mem_available
 from shoal.node.errors import ConfigError
 
 PEER = "12D3KooWGkyJPZf5ggN5FTcbcWkgaTUvNfdpfHusqq3SiDBbVoHG"
@@ -84,3 +84,30 @@ def test_tensor_parallel_flags(tmp_path: Path) -> None:
         "auto",
         2,
     )
+
+
+def test_raspberry_pi_defaults_fill_only_what_was_not_given(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.write_bytes(b"Raspberry Pi 5 Model B Rev 1.0\0")
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:        8245032 kB\nMemAvailable:    6000000 kB\n")
+    board, available = board_model(model), mem_available(meminfo)
+    assert (board, available) == ("Raspberry Pi 5 Model B Rev 1.0", 6_144_000_000)
+
+    plain = load_config(None, {"data_dir": tmp_path, "model": "shoal-tiny"})
+    pi = plain.with_edge_defaults(board, available)
+    assert (pi.quantize, pi.weight_quantization) == ("int8", "int8")
+    assert pi.max_memory == str(int(6_144_000_000 * PI_MEMORY_SHARE))
+    assert plain.with_edge_defaults("Intel NUC", available) == plain
+    assert plain.with_edge_defaults(None, available) == plain
+
+    given = load_config(
+        None,
+        {"data_dir": tmp_path, "model": "shoal-tiny", "quantize": "none", "max_memory": "1GB"},
+    ).with_edge_defaults(board, available)
+    assert (given.quantize, given.weight_quantization, given.max_memory) == ("none", None, "1GB")
+    member = load_config(
+        None, {"data_dir": tmp_path, "model": "m", "blocks": "0:4", "tp_group": "lan"}
+    ).with_edge_defaults(board, available)
+    assert (member.quantize, member.max_memory) == ("int8", None)  # a member loads whole
+    assert board_model(tmp_path / "absent") is None and mem_available(tmp_path / "x") is None

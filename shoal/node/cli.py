@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shoal.errors import Error
-from shoal.node.config import DEFAULT_API, NodeConfig, load_config
+from shoal.node.config import DEFAULT_API, NodeConfig, board_model, load_config, mem_available
 from shoal.node.errors import ConfigError, run_trio
 from shoal.node.logs import setup_logging
 from shoal.transport.logs import route_libp2p_logs
@@ -74,7 +74,9 @@ def node(
         typer.Option(help="A:B (blocks A..B-1), auto, or auto:N (where coverage is weakest)"),
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default fp32)")] = None,
-    quantize: Annotated[str | None, typer.Option(help="int8 or int4 weights")] = None,
+    quantize: Annotated[
+        str | None, typer.Option(help="int8, int4, or none (default: none; int8 on a Raspberry Pi)")
+    ] = None,
     max_sessions: Annotated[
         int | None, typer.Option(help="inference sessions held at once (32)")
     ] = None,
@@ -159,6 +161,16 @@ def node(
         _fail(str(exc), 2)
         return
     setup_logging(config.log_level, peer_id)
+    board = board_model()
+    edge = config.with_edge_defaults(board, mem_available())
+    if edge != config and config.model is not None:
+        err.print(
+            f"{board}: serving {edge.quantize} weights"
+            + (f" within --max-memory {edge.max_memory} bytes" if edge.max_memory else "")
+            + " (pass --quantize none or --max-memory SIZE to change)",
+            highlight=False,
+        )
+        config = edge
     try:
         run_trio(_run_until_signal, config)
     except Error as exc:

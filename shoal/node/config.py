@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,28 @@ DEFAULT_API = "127.0.0.1:8470"
 def default_data_dir() -> Path:
     """``$SHOAL_HOME`` if set, else ``~/.shoal``."""
     return Path(os.environ.get("SHOAL_HOME", "~/.shoal")).expanduser()
+
+
+PI_MEMORY_SHARE = 0.6  # of the RAM available at start, for weights on a Raspberry Pi
+
+
+def board_model(path: Path = Path("/proc/device-tree/model")) -> str | None:
+    """The board's model string (``Raspberry Pi 5 Model B Rev 1.0``), None off boards."""
+    try:
+        return path.read_bytes().rstrip(b"\0").decode(errors="replace").strip() or None
+    except OSError:
+        return None
+
+
+def mem_available(path: Path = Path("/proc/meminfo")) -> int | None:
+    """Bytes of RAM available now (Linux's MemAvailable), None where unknown."""
+    try:
+        for line in path.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,7 +74,8 @@ class NodeConfig:
         directory's name).
     blocks: ``A:B`` (serve blocks A..B-1), ``auto`` (the weakest-covered span, a third of
         the model) or ``auto:N`` (N blocks where coverage is weakest).
-    dtype / quantize: how the served span is held (fp32, bf16, fp16; int8, int4).
+    dtype / quantize: how the served span is held (fp32, bf16, fp16; int8, int4, or
+        ``none``: as ``dtype``, also on a Raspberry Pi, see ``with_edge_defaults``).
     max_sessions / max_cache_tokens / session_idle: inference session limits (sessions at
         once, cache positions reserved in all, seconds before an idle session is dropped).
     api_key: bearer token the OpenAI-compatible routes require (None: no auth).
@@ -100,6 +123,26 @@ class NodeConfig:
     tp_topology: str = "auto"
     tp_weight: float | None = None
 
+    @property
+    def weight_quantization(self) -> str | None:
+        """What the served weights are quantized to (None: kept as ``dtype``)."""
+        return None if self.quantize in (None, "none") else self.quantize
+
+    def with_edge_defaults(self, board: str | None, available: int | None) -> NodeConfig:
+        """This config with a Raspberry Pi's defaults for what was not given: int8 weights
+        (``quantize none`` keeps them as ``dtype``), and a weight-memory bound of
+        ``PI_MEMORY_SHARE`` of the RAM available at start (``available`` bytes; not for a
+        tensor-parallel member, which loads its slices whole). ``board`` is the
+        device-tree model string (``board_model()``); other machines keep the config."""
+        if board is None or not board.startswith("Raspberry Pi"):
+            return self
+        changes: dict[str, Any] = {}
+        if self.quantize is None:
+            changes["quantize"] = "int8"
+        if self.max_memory is None and self.tp_group is None and available:
+            changes["max_memory"] = str(int(available * PI_MEMORY_SHARE))
+        return replace(self, **changes)
+
     def compute_threads(self, cpu_count: int | None) -> int:
         """Torch threads for a machine with ``cpu_count`` cores (None: unknown)."""
         if self.threads is not None:
@@ -133,8 +176,8 @@ class NodeConfig:
             parse_blocks(self.blocks)
         if self.dtype not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"dtype {self.dtype!r}: use fp32, bf16 or fp16")
-        if self.quantize not in (None, "int8", "int4"):
-            raise ConfigError(f"quantize {self.quantize!r}: use int8 or int4")
+        if self.quantize not in (None, "none", "int8", "int4"):
+            raise ConfigError(f"quantize {self.quantize!r}: use int8, int4 or none")
         if self.max_sessions < 1 or self.max_cache_tokens < 1:
             raise ConfigError("max_sessions and max_cache_tokens must be at least 1")
         for name in ("session_idle", "step_timeout", "route_timeout"):

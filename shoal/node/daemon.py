@@ -308,7 +308,11 @@ async def serve_model(node: Node, *, task_status: TaskStatus[SpanServer]) -> Non
     max_memory = None if config.max_memory is None else parse_size(config.max_memory)
     weights = await trio.to_thread.run_sync(
         lambda: load_bounded_span(
-            checkpoint, span, max_memory=max_memory, dtype=config.dtype, quantize=config.quantize
+            checkpoint,
+            span,
+            max_memory=max_memory,
+            dtype=config.dtype,
+            quantize=config.weight_quantization,
         )
     )
     throughput = await trio.to_thread.run_sync(measure_throughput, weights)

@@ -65,7 +65,9 @@ async def serve_tp_member(node: Node, *, task_status: TaskStatus[SpanServer | No
     def load(shard: Shard) -> ShardedSpan:
         # only the leader (rank 0) serves the embedding and the head
         mine = span if shard.rank == 0 else Span(start=first, end=end)
-        return load_shard(checkpoint, mine, shard, dtype=config.dtype, quantize=config.quantize)
+        return load_shard(
+            checkpoint, mine, shard, dtype=config.dtype, quantize=config.weight_quantization
+        )
 
     join = GroupJoin(
         node.host,
@@ -90,7 +92,7 @@ async def serve_tp_member(node: Node, *, task_status: TaskStatus[SpanServer | No
     candidates = await _wait_for_members(node, join, config.tp_size)
     me = str(node.host.peer_id)
     if min(candidates) == me:
-        group = await join.lead(candidates, checkpoint.config, quantize=config.quantize)
+        group = await join.lead(candidates, checkpoint.config, quantize=config.weight_quantization)
     else:
         with trio.move_on_after(PLAN_TIMEOUT):
             await join.formed.wait()

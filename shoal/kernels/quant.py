@@ -26,6 +26,7 @@ from shoal.kernels.errors import QuantizationError
 QUANT_FORMATS = ("int8", "int4")
 INT4_GROUP_SIZE = 32
 PACKED_MAX_ROWS = 16
+INT8_PACKED_ALIGN = 16  # input widths torch's packed int8 kernel handles correctly
 _PACKED_DTYPE = torch.bfloat16
 # oneDNN runs bf16 matmuls natively (AVX512-BF16 / AMX) rather than emulating them
 _BF16_MATMUL = torch.backends.mkldnn.is_available() and bool(
@@ -125,7 +126,11 @@ class Int8Linear(_QuantizedLinear):
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.fast = _HAS_INT8_MM and q.device.type == "cpu"
+        # torch 2.13's packed int8 CPU kernel reads past the row when the input width is
+        # not a multiple of 16 and returns garbage (1e31) or crashes: dequantize there
+        self.fast = (
+            _HAS_INT8_MM and q.device.type == "cpu" and self.in_features % INT8_PACKED_ALIGN == 0
+        )
         self.register_buffer("weight_int8", q)
         self.register_buffer("scales", scales.float())
         self.register_buffer("packed_scales", scales.to(_PACKED_DTYPE))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -180,13 +180,7 @@ def load_span(
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     config = ckpt.config
     span = span or Span.full(config)
-    target = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    if quantize is not None and quantize not in QUANT_FORMATS:
-        raise ModelLoadError(
-            ckpt.directory,
-            f"unknown quantization {quantize!r}",
-            f"use one of {', '.join(QUANT_FORMATS)}",
-        )
+    target = load_dtype(ckpt, dtype, quantize)
     with torch.device("meta"):
         model = DecoderSpan(config, span)
     names = checkpoint_names(model)
@@ -197,35 +191,71 @@ def load_span(
             f"the checkpoint lacks {len(missing)} weight(s) the span needs, e.g. {sorted(missing)[0]}",
             "check that config.json belongs to these weights",
         )
-    groups = list(_load_groups(model))
-    with _LoadProgress(progress, len(groups)) as advance, _Files() as files:
-        for prefix, module in groups:
-            state = {}
-            for key, param in module.state_dict(keep_vars=True).items():
-                full = f"{prefix}{key}"
-                tensor = files.get(ckpt.weight_files[names[full]], names[full])
-                if tensor.shape != param.shape:
-                    raise ModelLoadError(
-                        ckpt.directory,
-                        f"{names[full]} has shape {tuple(tensor.shape)}, the config implies {tuple(param.shape)}",
-                        "check that config.json belongs to these weights",
-                    )
-                state[key] = tensor.to(target)
-            module.load_state_dict(state, assign=True)
-            # the embedding is a lookup and stays as it is; a tied head quantizes its own copy
-            if quantize is not None and prefix != "embed_tokens.":
-                try:
-                    quantized = quantize_linears(module, quantize)
-                except QuantizationError as exc:
-                    raise ModelLoadError(
-                        ckpt.directory, f"{prefix[:-1]}: {exc}", "load it with int8 or unquantized"
-                    ) from None
-                if prefix == "lm_head.":
-                    model.lm_head = quantized
-            advance()
+    with _LoadProgress(progress, len(list(_load_groups(model)))) as advance, _Files() as files:
+        fill_span(
+            model,
+            ckpt,
+            lambda full: files.get(ckpt.weight_files[names[full]], names[full]),
+            names,
+            dtype=target,
+            quantize=quantize,
+            advance=advance,
+        )
     if config.tie_word_embeddings and quantize is None:
         model.tie_weights()
     return model.eval()
+
+
+def load_dtype(ckpt: Checkpoint, dtype: str | torch.dtype, quantize: str | None) -> torch.dtype:
+    """The torch dtype ``dtype`` names; raises :class:`ModelLoadError` for an unknown
+    ``quantize`` (what every loader checks before it allocates)."""
+    if quantize is not None and quantize not in QUANT_FORMATS:
+        raise ModelLoadError(
+            ckpt.directory,
+            f"unknown quantization {quantize!r}",
+            f"use one of {', '.join(QUANT_FORMATS)}",
+        )
+    return DTYPES[dtype] if isinstance(dtype, str) else dtype
+
+
+def fill_span(
+    model: DecoderSpan,
+    ckpt: Checkpoint,
+    read: Callable[[str], torch.Tensor],
+    names: dict[str, str],
+    *,
+    dtype: torch.dtype,
+    quantize: str | None,
+    advance: Callable[[], None] = lambda: None,
+) -> None:
+    """Load a meta-device span unit by unit (embedding, each block, norm + head): each
+    tensor from ``read(state-dict key)``, checked against the shape the model expects and
+    converted to ``dtype``; then the unit is quantized (all but the embedding). ``names``:
+    the model's ``checkpoint_names``, for the messages."""
+    for prefix, module in _load_groups(model):
+        state = {}
+        for key, param in module.state_dict(keep_vars=True).items():
+            full = f"{prefix}{key}"
+            tensor = read(full)
+            if tensor.shape != param.shape:
+                raise ModelLoadError(
+                    ckpt.directory,
+                    f"{names[full]} has shape {tuple(tensor.shape)}, the config implies {tuple(param.shape)}",
+                    "check that config.json belongs to these weights",
+                )
+            state[key] = tensor.to(dtype)
+        module.load_state_dict(state, assign=True)
+        # the embedding is a lookup and stays as it is; a tied head quantizes its own copy
+        if quantize is not None and prefix != "embed_tokens.":
+            try:
+                quantized = quantize_linears(module, quantize)
+            except QuantizationError as exc:
+                raise ModelLoadError(
+                    ckpt.directory, f"{prefix[:-1]}: {exc}", "load it with int8 or unquantized"
+                ) from None
+            if prefix == "lm_head.":
+                model.lm_head = quantized
+        advance()
 
 
 def _load_groups(model: DecoderSpan) -> Iterator[tuple[str, nn.Module]]:

@@ -35,11 +35,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from shoal.kernels.attention import KVCache
-from shoal.kernels.errors import QuantizationError
-from shoal.kernels.quant import INT4_GROUP_SIZE, QUANT_FORMATS, quantize_linears
+from shoal.kernels.quant import INT4_GROUP_SIZE
 from shoal.pipeline.config import ModelConfig
 from shoal.pipeline.errors import ModelLoadError, PipelineError
-from shoal.pipeline.loading import DTYPES, Checkpoint, checkpoint_names, open_checkpoint
+from shoal.pipeline.loading import (
+    Checkpoint,
+    checkpoint_names,
+    fill_span,
+    load_dtype,
+    open_checkpoint,
+)
 from shoal.pipeline.model import Block, DecoderSpan, Span, SpanCache
 
 #: Quantized column shares are multiples of this: int4's group size; int8's packed kernel
@@ -304,11 +309,7 @@ def load_shard(
     tensor is read through safetensors' slice API), then quantize them block by block."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     config = ckpt.config
-    target = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    if quantize is not None and quantize not in QUANT_FORMATS:
-        raise ModelLoadError(
-            ckpt.directory, f"unknown quantization {quantize!r}", f"use {QUANT_FORMATS}"
-        )
+    target = load_dtype(ckpt, dtype, quantize)
     with torch.device("meta"):
         model = ShardedSpan(config, span, shard)
     names = checkpoint_names(model)
@@ -332,40 +333,11 @@ def load_shard(
         except SafetensorError as exc:
             raise ModelLoadError(path, f"cannot read {name} ({exc})", "re-download it") from None
 
-    for prefix, module in _groups(model):
-        state = {}
-        for key, param in module.state_dict(keep_vars=True).items():
-            tensor = read(prefix + key)
-            if tensor.shape != param.shape:
-                raise ModelLoadError(
-                    ckpt.directory,
-                    f"{names[prefix + key]} gives {tuple(tensor.shape)}, the shard needs "
-                    f"{tuple(param.shape)}",
-                    "check that config.json belongs to these weights",
-                )
-            state[key] = tensor.to(target)
-        module.load_state_dict(state, assign=True)
-        if quantize is not None and prefix != "embed_tokens.":
-            try:
-                quantized = quantize_linears(module, quantize)
-            except QuantizationError as exc:
-                raise ModelLoadError(ckpt.directory, f"{prefix[:-1]}: {exc}", "use int8") from None
-            if prefix == "lm_head.":
-                model.lm_head = quantized
+    fill_span(model, ckpt, read, names, dtype=target, quantize=quantize)
     files.clear()
     if config.tie_word_embeddings and quantize is None:
         model.tie_weights()
     return model.eval()
-
-
-def _groups(model: DecoderSpan) -> list[tuple[str, torch.nn.Module]]:
-    out: list[tuple[str, torch.nn.Module]] = []
-    if model.embed_tokens is not None:
-        out.append(("embed_tokens.", model.embed_tokens))
-    out += [(f"layers.{name}.", block) for name, block in model.layers.items()]
-    if model.norm is not None and model.lm_head is not None:
-        out += [("norm.", model.norm), ("lm_head.", model.lm_head)]
-    return out
 
 
 def run_sharded(

@@ -35,13 +35,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shoal.kernels.quant import INT4_GROUP_SIZE, QUANT_FORMATS, quantize_linears
+from shoal.kernels.quant import INT4_GROUP_SIZE, quantize_linears
 from shoal.pipeline.config import ModelConfig
 from shoal.pipeline.errors import ModelLoadError, PipelineError
 from shoal.pipeline.loading import (
-    DTYPES,
     Checkpoint,
     checkpoint_names,
+    load_dtype,
     load_span,
     open_checkpoint,
 )
@@ -116,32 +116,25 @@ def plan_window(
     even one block does."""
     if min(budget, resident_bytes, block_bytes, staging_bytes, blocks) < 0:
         raise ValueError("sizes and counts must not be negative")
-    whole = resident_bytes + blocks * block_bytes
-    if whole <= budget:
-        return WindowPlan(
-            budget=budget,
-            resident_bytes=resident_bytes,
-            block_bytes=block_bytes,
-            staging_bytes=staging_bytes,
-            blocks=blocks,
-            window=blocks,
-        )
-    needed = resident_bytes + block_bytes + staging_bytes
-    if needed > budget:
-        raise WindowTooSmall(
-            budget,
-            needed,
-            f"the embedding/norm/head ({_mb(resident_bytes)}), one block ({_mb(block_bytes)}) "
-            f"and the staging of a block load ({_mb(staging_bytes)})",
-        )
-    window = (budget - resident_bytes - staging_bytes) // block_bytes
+    if resident_bytes + blocks * block_bytes <= budget:
+        window = blocks
+    else:
+        needed = resident_bytes + block_bytes + staging_bytes
+        if needed > budget:
+            raise WindowTooSmall(
+                budget,
+                needed,
+                f"the embedding/norm/head ({_mb(resident_bytes)}), one block "
+                f"({_mb(block_bytes)}) and the staging of a block load ({_mb(staging_bytes)})",
+            )
+        window = min((budget - resident_bytes - staging_bytes) // block_bytes, blocks)
     return WindowPlan(
         budget=budget,
         resident_bytes=resident_bytes,
         block_bytes=block_bytes,
         staging_bytes=staging_bytes,
         blocks=blocks,
-        window=min(window, blocks),
+        window=window,
     )
 
 
@@ -517,13 +510,7 @@ def load_bounded_span(
     span = span or Span.full(ckpt.config)
     if max_memory is None:
         return load_span(ckpt, span, dtype=dtype, quantize=quantize, progress=progress)
-    target = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    if quantize is not None and quantize not in QUANT_FORMATS:
-        raise ModelLoadError(
-            ckpt.directory,
-            f"unknown quantization {quantize!r}",
-            f"use one of {', '.join(QUANT_FORMATS)}",
-        )
+    target = load_dtype(ckpt, dtype, quantize)
     plan = plan_span(ckpt, span, max_memory, dtype=target, quantize=quantize)
     if plan.fits:
         log.info("the span fits in %s: loading it whole", _mb(max_memory))

@@ -302,10 +302,11 @@ class Discovery:
         with trio.move_on_after(self.config.lookup_timeout):
             keys = [bytes.fromhex(dht_provider_key(logical)) for logical, _ in wanted]
             now = self.clock()
+            remembered = {key: self._providers.get(key) for key in keys}
             expected = {
-                key: found
-                for key, (found, when) in self._providers.items()
-                if key in keys and now - when < self.config.refresh_interval
+                key: seen[0]
+                for key, seen in remembered.items()
+                if seen is not None and now - seen[1] < self.config.refresh_interval
             }
             walks = await self._lookup(keys, values=False, expected=expected)
             now = self.clock()

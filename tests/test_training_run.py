@@ -1,6 +1,6 @@
 """TrainingRun among three real hosts in one process (loopback): a peer whose state
-diverged by one ulp is named by the coordinator, resyncs from the majority and is back
-in the run two rounds later; the run's records and the serving side's typed errors."""
+diverged by one ulp is named by the coordinator, resyncs from the majority in one
+download and is back in the run two rounds later; the run's records and the serving side's typed errors."""
 
 from __future__ import annotations
 
@@ -93,14 +93,13 @@ async def test_a_diverged_peer_resyncs_from_the_majority_and_rejoins(codec: str)
     assert honest[0][0].members == tuple(ids) and honest[0][1].members == tuple(ids)
     # round 3 went on without it; it downloaded the majority's state and came back
     assert runs[2].me not in honest[0][2].members and len(honest[0][2].members) == 2
-    # (it fetches the majority's round 2, then, if the others are faster than its
-    # download, later rounds until it registers in time for the next one)
-    assert runs[2].syncs and runs[2].syncs[0].round == DIVERGE_AFTER
-    for sync in runs[2].syncs:
-        assert sync.state_hash == honest[0][sync.round - 1].state_hash
-        assert set(sync.parts_from) <= {runs[0].me, runs[1].me} and not sync.refused
-        assert sum(sync.parts_from.values()) == 12
-    sync = runs[2].syncs[-1]
+    # it registered for a round ahead, so one download sufficed: the majority's state of
+    # round 3 (of round 4 if round 4 was decided before it could register)
+    assert len(runs[2].syncs) == 1, runs[2].syncs
+    sync = runs[2].syncs[0]
+    assert sync.round > DIVERGE_AFTER and sync.state_hash == honest[0][sync.round - 1].state_hash
+    assert set(sync.parts_from) <= {runs[0].me, runs[1].me} and not sync.refused
+    assert sum(sync.parts_from.values()) == 12
     back = min((r for r in by_round if r > DIVERGE_AFTER), default=ROUNDS + 1)
     assert back == sync.round + 1 <= ROUNDS
     for r in range(back, ROUNDS + 1):
@@ -142,4 +141,45 @@ async def test_round_protocol_refuses_bad_requests() -> None:
                 a.peer_id, ROUND_PROTOCOL, Message({"t": "hello", "run": RUN})
             )
             assert reply.body["members"] == [run.me] and reply.body["round"] >= 0
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_waiting_ready_requests_do_not_wake_each_other_forever() -> None:
+    """Two READYs for a round this coordinator has not reached wait for its decision;
+    each notifies once. (They used to notify on every wake-up and so woke each other
+    in a busy loop that starved the host: round 1 of a 3-peer test took minutes.)"""
+    async with (
+        loopback_host() as a,
+        loopback_host() as b,
+        loopback_host() as c,
+        open_collectives(a) as driver,
+    ):
+        peer = make_peer(0, 1, inner_steps=1, seed=1, run_id=RUN)
+        run = TrainingRun(a, driver, peer, RunConfig(run_id=RUN, rounds=1, linger=60))
+        notified = 0
+        notify = run._notify
+
+        def counting() -> None:
+            nonlocal notified
+            notified += 1
+            notify()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run.run, ())
+            with trio.fail_after(30):
+                while peer.state.round < 1:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            run._notify = counting  # type: ignore[method-assign]
+            body = {"t": "ready", "run": RUN, "round": 2, "attempt": 0, "hash": "ab" * 32}
+            for caller in (b, c):
+                await caller.connect(a.listen_addrs()[0])
+            with trio.move_on_after(1.5):
+                async with trio.open_nursery() as callers:
+                    for caller in (b, c):
+                        callers.start_soon(
+                            caller.channels.call, a.peer_id, ROUND_PROTOCOL, Message(body)
+                        )
+            assert notified == 2
+            assert set(run._barriers[(2, 0)].reports) == {str(b.peer_id), str(c.peer_id)}
             nursery.cancel_scope.cancel()

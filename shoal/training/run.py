@@ -433,8 +433,21 @@ class TrainingRun:
             ) from None
 
     async def _join(self) -> None:
+        # A peer registers for a round before it downloads the state that round starts
+        # from: the coordinator then waits for its READY (up to ready_timeout). Registering
+        # after the download lost the race to members whose rounds were shorter than the
+        # download, and such a peer chased the run one sync per round.
+        ahead = 0  # the round this peer is registered for
         while True:
             round_, members, digest = await self._hello()
+            if ahead > round_ + 1:  # registered for the round after the one in progress
+                await trio.sleep(0.2)
+                continue
+            if ahead < round_ + 1:
+                ahead = await self._register(members, round_ + 1)
+                if ahead != round_ + 1:  # the round after, or no coordinator: ask again
+                    await trio.sleep(0.2)
+                    continue
             if not (self.peer.state.round == round_ and self._hash == digest):
                 try:
                     members = await self._sync(members, round_)
@@ -442,12 +455,12 @@ class TrainingRun:
                     log.info("%s: sync failed (%s); asking again", self.me[-8:], exc)
                     await trio.sleep(0.5)
                     continue
-            if await self._register(members, self.peer.state.round + 1):
-                self.member = True
-                self.members = tuple(sorted(members))
-                self._emit("phase", self.peer.state.round, "joined", peers=len(members))
-                return
-            await trio.sleep(0.2)  # the next round was decided without us: sync its result
+            if self.peer.state.round + 1 != ahead:  # it synced a later round: register again
+                continue
+            self.member = True
+            self.members = tuple(sorted(members))
+            self._emit("phase", self.peer.state.round, "joined", peers=len(members))
+            return
 
     async def _hello(self) -> tuple[int, tuple[str, ...], str]:
         """(round, members, state hash) of the most advanced member among the known peers.
@@ -528,19 +541,22 @@ class TrainingRun:
         self._emit("sync", manifest.round, manifest.state_hash)
         return tuple(members)
 
-    async def _register(self, members: Sequence[str], r: int) -> bool:
-        """Ask the coordinator to expect this peer in round ``r``; False: too late (the
-        run moved on; sync again). A peer listed among the members of round ``r - 1``
-        (it diverged, or restarted with its identity) waits for a round without it: the
-        others may still count on it for round ``r``, which it did not prepare."""
-        if self.me in members:
-            return False
-        suspects: set[str] = set()
+    async def _register(self, members: Sequence[str], r: int) -> int:
+        """Ask the coordinator to expect this peer in round ``r``, or in ``r + 1`` when
+        ``r`` is decided already or counts on this peer (it is listed among the members
+        of round ``r - 1``: it diverged, or restarted with its identity, and did not
+        prepare round ``r``). Returns the round registered for; 0 when the run moved on
+        further or no member is left to ask (ask the run again)."""
+        first = r + 1 if self.me in members else r
+        r = first
+        suspects = {self.me}  # (it coordinated the round it diverged in: not the next)
+        hint: str | None = None
         while True:
             alive = [p for p in members if p not in suspects and self._alive(p)]
-            chosen = coordinator(members, alive)
+            chosen = hint if hint is not None else coordinator(members, alive)
+            hint = None
             if chosen is None:
-                return False
+                return 0
             body = {
                 "t": "join",
                 "run": self.config.run_id,
@@ -549,14 +565,20 @@ class TrainingRun:
             }
             try:
                 await self.host.channels.call(ID.from_base58(chosen), ROUND_PROTOCOL, Message(body))
-                return True
+                return r
             except RemoteError as exc:
                 if exc.code == "late":
-                    return False
-                if exc.code in ("not_coordinator", "not_ready", "not_member"):
-                    await trio.sleep(0.3)
+                    if r > first:
+                        return 0
+                    r += 1
                     continue
-                suspects.add(chosen)
+                if exc.code == "not_coordinator" and exc.message in self.known:
+                    hint = exc.message  # the coordinator it names
+                    await trio.sleep(0.05)
+                elif exc.code in ("not_coordinator", "not_ready", "not_member"):
+                    await trio.sleep(0.3)
+                else:
+                    suspects.add(chosen)
 
     # ------------------------------------------------------------------ serving
 
@@ -597,9 +619,12 @@ class TrainingRun:
         current = self.peer.state.round
         if r <= current or (r, 0) in self._decisions:
             raise RpcError("late", f"round {r} is decided here (at round {current}); sync again")
-        if r > current + 1:
+        if r > current + 2:  # (+2: it registers before the round in progress ends)
             raise RpcError("not_ready", f"this peer is at round {current}")
-        chosen = coordinator(self.members, [p for p in self.members if self._alive(p)])
+        # (a joiner listed among the members, having diverged, coordinates nothing now)
+        chosen = coordinator(
+            self.members, [p for p in self.members if p != peer and self._alive(p)]
+        )
         if chosen != self.me:
             raise RpcError("not_coordinator", str(chosen))
         self._joiners.setdefault(r, set()).add(peer)
@@ -632,8 +657,12 @@ class TrainingRun:
             role = self._roles.get(key)
             if role is not None and role != self.me:
                 raise RpcError("not_coordinator", role)
-            self._barrier(key).report(peer, digest)
-            self._notify()
+            barrier = self._barrier(key)
+            if barrier.reports.get(peer) != digest:
+                # notify on news only: two waiting handlers that notified on every wake-up
+                # would wake each other forever (a busy loop that starved the host)
+                barrier.report(peer, digest)
+                self._notify()
             await self._wait_change(1.0)
             if r <= self.peer.state.round and key not in self._decisions:
                 raise RpcError("behind", f"round {r} completed here without you")

@@ -15,18 +15,24 @@ import torch
 import trio
 from conftest import loopback_host
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.keys import KeyPair
 from test_collectives_support import reference
 
-from shoal.collectives import AllReduceResult, Member, make_view
+from shoal.collectives import AllReduceResult, Member, View, make_view
 from shoal.collectives.driver import PROTOCOL, CollectivesDriver, DriverConfig, open_collectives
 from shoal.collectives.errors import BadContribution, MessageTooLarge
 from shoal.transport.host import Host
 
 
 @asynccontextmanager
-async def drivers(n: int, config: DriverConfig) -> AsyncIterator[list[CollectivesDriver]]:
+async def drivers(
+    n: int, config: DriverConfig, keys: list[KeyPair] | None = None
+) -> AsyncIterator[list[CollectivesDriver]]:
+    keys = keys or [create_new_key_pair() for _ in range(n)]
     async with AsyncExitStack() as stack:
-        hosts: list[Host] = [await stack.enter_async_context(loopback_host()) for _ in range(n)]
+        hosts: list[Host] = [
+            await stack.enter_async_context(loopback_host(key_pair=k)) for k in keys[:n]
+        ]
         for i, host in enumerate(hosts):
             for other in hosts[:i]:
                 await host.connect(other.listen_addrs()[0])
@@ -38,6 +44,21 @@ def tensors(ds: list[CollectivesDriver], numel: int) -> dict[str, torch.Tensor]:
         d.me: torch.randn(numel, generator=torch.Generator().manual_seed(i))
         for i, d in enumerate(ds)
     }
+
+
+async def reduce_all(
+    ds: list[CollectivesDriver], view: View, xs: dict[str, torch.Tensor]
+) -> dict[str, AllReduceResult]:
+    """Every driver of ``ds`` runs ``view`` with its tensor of ``xs``; their results."""
+    results: dict[str, AllReduceResult] = {}
+
+    async def one(d: CollectivesDriver) -> None:
+        results[d.me] = await d.all_reduce(view, xs[d.me])
+
+    async with trio.open_nursery() as nursery:
+        for d in ds:
+            nursery.start_soon(one, d)
+    return results
 
 
 async def test_a_silent_connected_member_is_dropped_by_deadlines() -> None:
@@ -134,3 +155,26 @@ async def test_a_member_restarted_with_its_identity_is_readmitted_for_later_oper
         everyone = tuple(sorted((a.me, b.me, me)))
         assert {r.contributors for r in back.values()} == {everyone}
         assert len({r.digest for r in back.values()}) == 1
+
+
+@pytest.mark.parametrize("codec", ["fp32", "int8"])
+async def test_bulk_and_libp2p_streams_give_the_same_bytes(codec: str) -> None:
+    """The same operation over bulk streams (the default) and over libp2p streams: the
+    same result bytes on every peer, and each driver opened the kind it was told to."""
+    numel = 300_000  # 1.2 MB per peer in fp32: several bulk frames per link
+    outcomes: dict[bool, set[bytes]] = {}
+    keys = [create_new_key_pair() for _ in range(3)]  # the same peers (and chunk owners)
+    for bulk in (True, False):
+        async with drivers(3, DriverConfig(bulk=bulk, timeout=60), keys) as ds:
+            view = make_view(f"bulk-{bulk}/0", [Member(d.me) for d in ds], (numel,), codec=codec)
+            xs = tensors(ds, numel)
+            with trio.fail_after(60):
+                results = await reduce_all(ds, view, xs)
+            outcomes[bulk] = {r.tensor.numpy().tobytes() for r in results.values()}
+            kind = "bulk" if bulk else "libp2p"
+            assert [set(d.opened) for d in ds] == [{kind}] * 3
+            assert [d.opened[kind] for d in ds] == [2, 2, 2]
+            if codec == "fp32":
+                ref = reference(view, xs, sorted(xs))
+                assert all(torch.equal(r.tensor, ref) for r in results.values())
+    assert len(outcomes[True]) == 1 and outcomes[True] == outcomes[False]

@@ -1,21 +1,23 @@
 """All-reduce benchmark: shoal's fault-tolerant all-reduce against torch.distributed gloo.
 
     python scripts/bench/allreduce.py [--peers 4] [--mib 64] [--iters 3]
-        [--codecs fp32,int8] [--profile DIR] [--json PATH]
+        [--codecs fp32,int8] [--transports bulk,libp2p] [--profile DIR] [--json PATH]
 
 Starts ``--peers`` processes on 127.0.0.1 for each system (this script with ``--worker``).
 Each process holds ``--mib`` MiB of fp32 and the group all-reduces it:
 
 - gloo: ``dist.all_reduce`` (sum; the average's division is not timed), after a
   ``dist.barrier``;
-- shoal: ``CollectivesDriver.all_reduce`` over libp2p (TCP + Noise + Yamux, one stream per
-  peer pair and direction), codec fp32 and int8, after a barrier that is a tiny star
-  all-reduce among the same processes.
+- shoal: ``CollectivesDriver.all_reduce``, codec fp32 and int8, after a barrier that is a
+  tiny star all-reduce among the same processes, once per transport: ``bulk`` (the
+  default: TCP sealed with ChaCha20-Poly1305 beside the libp2p connection,
+  shoal/transport/bulk.py) and ``libp2p`` (TCP + Noise + Yamux streams); one stream per
+  peer pair and direction either way.
 
 A round's time is the last process's end minus the first process's start (wall clock of
 the one machine). One warm-up round per system is not counted; the table shows the median
 of ``--iters`` rounds and the ratio shoal/gloo. Every process uses one torch thread.
-``--profile DIR`` runs shoal's rank-0 process under ``py-spy record`` (raw folded stacks in
+``--profile DIR`` runs shoal's rank-0 process (first transport) under ``py-spy record`` (raw folded stacks in
 DIR) and prints where its samples went.
 """
 
@@ -100,7 +102,9 @@ async def _shoal_main(args: argparse.Namespace) -> None:
     config = HostConfig(key_pair=create_new_key_pair(), listen=("/ip4/127.0.0.1/tcp/0",))
     async with (
         open_host(config) as host,
-        open_collectives(host, DriverConfig(deadline=30, retain=10)) as driver,
+        open_collectives(
+            host, DriverConfig(deadline=30, retain=10, bulk=args.transport == "bulk")
+        ) as driver,
     ):
         (root / f"addr{args.rank}.json").write_text(
             json.dumps({"id": driver.me, "addr": host.listen_addrs()[0]})
@@ -143,7 +147,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _launch(system: str, args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
+def _launch(
+    system: str, args: argparse.Namespace, root: Path, transport: str = "", profile: bool = False
+) -> list[dict[str, Any]]:
     port = _free_port()
     procs = []
     for rank in range(args.peers):
@@ -151,9 +157,9 @@ def _launch(system: str, args: argparse.Namespace, root: Path) -> list[dict[str,
             sys.executable, __file__, "--worker", system, "--rank", str(rank),
             "--peers", str(args.peers), "--mib", str(args.mib), "--iters", str(args.iters),
             "--codecs", args.codecs, "--dir", str(root), "--port", str(port),
-            "--out", str(root / f"out{rank}.json"),
+            "--out", str(root / f"out{rank}.json"), "--transport", transport,
         ]  # fmt: skip
-        if system == "shoal" and rank == 0 and args.profile:
+        if system == "shoal" and rank == 0 and args.profile and profile:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
             raw = Path(args.profile) / "shoal-rank0.txt"
             command = ["py-spy", "record", "-r", "200", "-f", "raw", "-o", str(raw), "--", *command]
@@ -209,6 +215,8 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--codecs", default="fp32,int8")
+    parser.add_argument("--transports", default="bulk,libp2p")
+    parser.add_argument("--transport", default="bulk")
     parser.add_argument("--profile", default="")
     parser.add_argument("--json", default="")
     parser.add_argument("--worker", choices=["gloo", "shoal"])
@@ -224,25 +232,35 @@ def main() -> None:
         shoal_worker(args)
         return
 
+    transports = args.transports.split(",")
+    shoal_outs: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "gloo").mkdir()
-        (Path(tmp) / "shoal").mkdir()
         gloo = _round_times(_launch("gloo", args, Path(tmp) / "gloo"))
-        shoal_outs = _launch("shoal", args, Path(tmp) / "shoal")
+        for i, transport in enumerate(transports):
+            (Path(tmp) / transport).mkdir()
+            shoal_outs[transport] = _launch(
+                "shoal", args, Path(tmp) / transport, transport, profile=i == 0
+            )
     gloo_s = statistics.median(gloo)
     rows: list[tuple[str, list[float], float, float | None, float | None]] = [
         ("gloo all_reduce (fp32, sum)", gloo, gloo_s, None, None)
     ]
     report: dict[str, Any] = {"gloo": gloo}
-    for codec in args.codecs.split(","):
-        outs = [o[codec] for o in shoal_outs]
+    for codec, transport in [(c, t) for c in args.codecs.split(",") for t in transports]:
+        outs = [o[codec] for o in shoal_outs[transport]]
         times = _round_times(outs)
         digests = {r[3] for o in outs for r in o["rounds"][-1:]}
         assert len(digests) == 1, "peers disagree on the result"
         sent = statistics.median(r[2] for o in outs for r in o["rounds"]) / MIB
         cpu = statistics.median(r[4] for o in outs for r in o["rounds"])
-        rows.append((f"shoal all-reduce {codec}", times, statistics.median(times), sent, cpu))
-        report[codec] = {"times": times, "mib_sent_per_peer": sent, "cpu_s_per_peer": cpu}
+        name = f"shoal all-reduce {codec}, {transport}"
+        rows.append((name, times, statistics.median(times), sent, cpu))
+        report[f"{codec}/{transport}"] = {
+            "times": times,
+            "mib_sent_per_peer": sent,
+            "cpu_s_per_peer": cpu,
+        }
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(
         f"\n{args.peers} processes, {args.mib} MiB fp32 each, {os.cpu_count()} CPUs, "

@@ -61,6 +61,7 @@ from shoal.collectives.errors import (
 from shoal.collectives.mux import Collectives, Operation
 from shoal.collectives.star import StarAllReduce
 from shoal.collectives.view import View
+from shoal.transport.bulk import Bulk, BulkStream, BulkUnavailable
 from shoal.transport.errors import FrameError, FrameTooLarge
 from shoal.transport.framing import DEFAULT_MAX_HEADER, FrameDecoder, encode_header
 from shoal.transport.host import ConnectionNotifee, Host
@@ -95,6 +96,9 @@ class DriverConfig:
     max_early_frame: frame limit while no operation is running (messages for an operation
         this peer has not started yet are buffered by the mux, within its own limits).
     open_timeout: seconds to open a stream to a peer before it counts as failed.
+    bulk: carry frames over bulk streams (:mod:`shoal.transport.bulk`: TCP sealed with
+        ChaCha20-Poly1305 beside the libp2p connection) where the peer is reachable that
+        way; libp2p streams otherwise.
     """
 
     deadline: float = 10.0
@@ -103,6 +107,7 @@ class DriverConfig:
     thread_threshold: int = 256 * 1024
     max_early_frame: int = 64 << 20
     open_timeout: float = 10.0
+    bulk: bool = True
 
 
 @dataclass(slots=True)
@@ -152,6 +157,9 @@ class CollectivesDriver:
         self._failed: set[str] = set()
         self._last_byte = 0.0
         self._nursery: trio.Nursery | None = None
+        self._bulk: Bulk | None = None
+        #: Streams opened to peers, by kind ("bulk", "libp2p"): for tests and status.
+        self.opened: dict[str, int] = {}
 
     # ------------------------------------------------------------------ service
 
@@ -162,12 +170,17 @@ class CollectivesDriver:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self.config.bulk:
+                    self._bulk = Bulk(self.host)
+                    await nursery.start(self._bulk.run)
+                    self._bulk.serve(PROTOCOL, self._on_bulk)
                 self.host.libp2p.set_stream_handler(PROTOCOL, self._on_stream)
                 network.register_notifee(notifee)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self._nursery = None
+            self._bulk = None
             self.host.libp2p.remove_stream_handler(PROTOCOL)
             notifee.active = False
 
@@ -316,11 +329,25 @@ class CollectivesDriver:
 
     # ------------------------------------------------------------------ writing
 
+    async def _open(self, peer: str) -> INetStream | BulkStream:
+        """A bulk stream to ``peer`` where it can be had, else a libp2p stream."""
+        peer_id = ID.from_base58(peer)
+        if self._bulk is not None:
+            try:
+                stream: INetStream | BulkStream = await self._bulk.open(peer_id, PROTOCOL)
+                self.opened["bulk"] = self.opened.get("bulk", 0) + 1
+                return stream
+            except BulkUnavailable as exc:
+                log.info("%s: libp2p stream to %s: %s", self.me, peer, exc)
+        stream = await self.host.libp2p.new_stream(peer_id, [PROTOCOL])
+        self.opened["libp2p"] = self.opened.get("libp2p", 0) + 1
+        return stream
+
     async def _write_loop(self, box: _Outbox) -> None:
-        stream: INetStream | None = None
+        stream: INetStream | BulkStream | None = None
         try:
             with trio.fail_after(self.config.open_timeout):
-                stream = await self.host.libp2p.new_stream(ID.from_base58(box.peer), [PROTOCOL])
+                stream = await self._open(box.peer)
             async for data in box.receive:
                 if box.dead:
                     continue
@@ -349,7 +376,12 @@ class CollectivesDriver:
         return max([self.config.max_early_frame, *limits])
 
     async def _on_stream(self, stream: INetStream) -> None:
-        peer = str(stream.muxed_conn.peer_id)
+        await self._read_loop(str(stream.muxed_conn.peer_id), stream)
+
+    async def _on_bulk(self, stream: BulkStream) -> None:
+        await self._read_loop(str(stream.peer), stream)
+
+    async def _read_loop(self, peer: str, stream: INetStream | BulkStream) -> None:
         decoder = FrameDecoder(max_header=DEFAULT_MAX_HEADER, max_payload=self._frame_limit())
         why = "stream ended"
         try:

@@ -86,6 +86,7 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._eof:
             raise FrameError("data after end of stream")
+        data = memoryview(data).cast("B")  # (slices below copy nothing)
         if self._payload is not None:
             # Copy straight into the preallocated payload, keep only the overflow.
             take = min(len(data), len(self._payload) - self._filled)
@@ -122,7 +123,8 @@ class FrameDecoder:
             self._header = header
             self._payload = bytearray(size)
             take = min(size, len(self._buf))
-            self._payload[:take] = self._buf[:take]
+            with memoryview(self._buf) as buffered:  # (released before the del below)
+                self._payload[:take] = buffered[:take]
             self._filled = take
             del self._buf[:take]
         assert self._payload is not None

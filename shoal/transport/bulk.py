@@ -1,0 +1,332 @@
+"""Bulk byte streams beside libp2p, for tensors.
+
+py-libp2p moves bytes through Noise and yamux in Python: about half of an all-reduce's
+busy time went there (docs/collectives.md, "Where the time goes"). A bulk stream is a
+plain TCP connection between the same two peers, opened on request over their libp2p
+connection and sealed in large ChaCha20-Poly1305 frames, where the cipher and the socket
+do their work in C.
+
+Opening, ``opener`` to ``acceptor``:
+
+1. the opener calls ``/shoal/bulk/1`` over libp2p (an authenticated, encrypted channel,
+   behind the swarm's pre-shared key when there is one) naming a protocol the acceptor
+   serves in bulk;
+2. the acceptor answers a port, a single-use 16-byte token and a fresh 32-byte key, and
+   remembers the token for ``TOKEN_TTL`` seconds;
+3. the opener connects to that port at the IP its libp2p connection reaches, and sends
+   the token; the acceptor hands the stream to the protocol's handler.
+
+Only the two peers know the key, so a frame that decrypts came from the other one. Frames
+are a 4-byte big-endian length, then the sealed bytes (at most ``FRAME`` plaintext bytes
+each); the length is the associated data; the nonce is a direction byte and a counter, so
+a replayed, reordered or dropped frame fails to decrypt (:class:`BulkError`).
+
+A bulk stream exists only while its libp2p connection does: when the last libp2p
+connection to the peer closes (a departure, a ban, a partition made by refusing the
+peer), its bulk streams are closed too. Peers that cannot reach each other's bulk port
+(a relayed connection, NAT) keep using libp2p streams: :meth:`Bulk.open` raises
+:class:`BulkUnavailable` and the caller falls back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from libp2p.abc import INetConn, INetwork
+from libp2p.peer.id import ID
+
+from shoal.transport.channel import ChannelProtocol
+from shoal.transport.circuit import conn_is_relayed
+from shoal.transport.errors import RemoteError, RpcError, TransportError
+from shoal.transport.host import ConnectionNotifee, Host
+from shoal.transport.rpc import Message
+
+if TYPE_CHECKING:
+    # trio-typing's stale stubs (pulled in by libp2p) shadow trio's own types.
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = ChannelProtocol(name="bulk", max_request=1 << 10, max_response=1 << 10, timeout=10.0)
+FRAME = 1 << 20  # plaintext bytes per sealed frame
+TAG = 16  # Poly1305 tag bytes
+TOKEN_TTL = 10.0
+MAX_PENDING = 64  # tokens handed out and not used yet, per node
+CONNECT_TIMEOUT = 3.0
+_LENGTH = struct.Struct(">I")
+
+BulkHandler = Callable[["BulkStream"], Awaitable[None]]
+
+
+class BulkError(TransportError):
+    """A bulk stream's bytes failed to decrypt or broke the framing."""
+
+
+class BulkUnavailable(TransportError):
+    """No bulk stream to that peer (relayed, unreachable port, or it does not serve the
+    protocol in bulk): use a libp2p stream."""
+
+
+class BulkStream:
+    """One direction-sealed TCP stream to ``peer`` (``read``/``write``/``close``/``reset``,
+    as a libp2p stream offers)."""
+
+    def __init__(self, sock: trio.SocketStream, key: bytes, peer: ID, *, opener: bool) -> None:
+        self.sock = sock
+        self.peer = peer
+        self._aead = ChaCha20Poly1305(key)
+        self._send_dir, self._recv_dir = (0, 1) if opener else (1, 0)
+        self._sent = 0
+        self._received = 0
+        self._pending: bytes | bytearray = b""
+        self._send_lock = trio.Lock()
+        # one sealed frame each way, reused: length prefix, ciphertext, tag
+        self._wbuf = bytearray(_LENGTH.size + FRAME + TAG)
+        self._rbuf = bytearray(_LENGTH.size + FRAME + TAG)
+        self.closed = False
+
+    def _nonce(self, direction: int, counter: int) -> bytes:
+        return bytes([direction, 0, 0, 0]) + counter.to_bytes(8, "big")
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        async with self._send_lock:
+            for start in range(0, len(view), FRAME):
+                piece = view[start : start + FRAME]
+                out = memoryview(self._wbuf)[: _LENGTH.size + len(piece) + TAG]
+                _LENGTH.pack_into(out, 0, len(piece) + TAG)
+                nonce = self._nonce(self._send_dir, self._sent)
+                self._aead.encrypt_into(nonce, piece, out[: _LENGTH.size], out[_LENGTH.size :])
+                self._sent += 1
+                await self.sock.send_all(out)
+
+    async def read(self, max_bytes: int = FRAME) -> bytes | bytearray:
+        """Up to ``max_bytes`` plaintext bytes; empty at the end of the stream."""
+        if not self._pending:
+            self._pending = await self._read_frame()
+        if len(self._pending) <= max_bytes:
+            out, self._pending = self._pending, b""
+            return out
+        out, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
+        return out
+
+    async def _read_frame(self) -> bytes | bytearray:
+        head = memoryview(self._rbuf)[: _LENGTH.size]
+        if not await self._fill(head, eof_ok=True):
+            return b""
+        (size,) = _LENGTH.unpack(head)
+        if not TAG < size <= FRAME + TAG:  # checked before anything is allocated
+            raise BulkError(f"bulk frame of {size} bytes from {self.peer} (limit {FRAME + TAG})")
+        sealed = memoryview(self._rbuf)[_LENGTH.size : _LENGTH.size + size]
+        await self._fill(sealed, eof_ok=False)
+        plain = bytearray(size - TAG)
+        nonce = self._nonce(self._recv_dir, self._received)
+        try:
+            self._aead.decrypt_into(nonce, sealed, head, plain)
+        except InvalidTag:
+            raise BulkError(f"a bulk frame from {self.peer} failed authentication") from None
+        self._received += 1
+        return plain
+
+    async def _fill(self, view: memoryview, *, eof_ok: bool) -> bool:
+        """Fill ``view`` from the socket; False at a clean end of stream before any byte."""
+        got = 0
+        while got < len(view):
+            count = await self.sock.socket.recv_into(view[got:], len(view) - got)
+            if not count:
+                if eof_ok and got == 0:
+                    return False
+                raise BulkError(f"bulk stream from {self.peer} ended inside a frame")
+            got += count
+        return True
+
+    async def close(self) -> None:
+        self.closed = True
+        await self.sock.aclose()
+
+    async def reset(self) -> None:
+        await self.close()
+
+
+@dataclass
+class _Pending:
+    peer: ID
+    protocol: str
+    key: bytes
+    expires: float
+
+
+class Bulk:
+    """Bulk streams of one host: its listener, the handlers it serves, the streams open."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.port = 0
+        self._handlers: dict[str, BulkHandler] = {}
+        self._pending: dict[bytes, _Pending] = {}
+        self._streams: dict[ID, set[BulkStream]] = {}
+        self._unreachable: set[ID] = set()
+        self._nursery: trio.Nursery | None = None
+
+    def serve(self, protocol: str, handler: BulkHandler) -> None:
+        self._handlers[protocol] = handler
+
+    def unserve(self, protocol: str) -> None:
+        self._handlers.pop(protocol, None)
+
+    async def open(self, peer: ID, protocol: str) -> BulkStream:
+        """A bulk stream to ``peer`` for ``protocol``; :class:`BulkUnavailable` when the
+        peer cannot be reached that way (the caller uses a libp2p stream instead)."""
+        if peer in self._unreachable:
+            raise BulkUnavailable(f"{peer}'s bulk port was unreachable before")
+        ip = self._direct_ip(peer)
+        if ip is None:
+            raise BulkUnavailable(f"no direct TCP connection to {peer}")
+        try:
+            body = {"t": "open", "proto": protocol}
+            reply = await self.host.channels.call(peer, PROTOCOL, Message(body))
+        except RemoteError as exc:
+            raise BulkUnavailable(f"{peer} opened no bulk stream: {exc}") from exc
+        port, token, key = (reply.body.get(k) for k in ("port", "token", "key"))
+        if not (isinstance(port, int) and 0 < port < 65536):
+            raise BulkUnavailable(f"{peer} answered a bad bulk port {port!r}")
+        if not (isinstance(token, bytes) and len(token) == 16):
+            raise BulkUnavailable(f"{peer} answered a bad bulk token")
+        if not (isinstance(key, bytes) and len(key) == 32):
+            raise BulkUnavailable(f"{peer} answered a bad bulk key")
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                sock = await trio.open_tcp_stream(ip, port)
+        except (OSError, trio.TooSlowError) as exc:
+            self._unreachable.add(peer)
+            raise BulkUnavailable(f"cannot reach {peer}'s bulk port {ip}:{port}: {exc}") from exc
+        await sock.send_all(token)
+        return self._track(BulkStream(sock, key, peer, opener=True))
+
+    def _direct_ip(self, peer: ID) -> str | None:
+        for conn in self.host.libp2p.get_network().connections.get(peer, ()):
+            if conn_is_relayed(conn):
+                continue
+            remote = conn.muxed_conn.get_remote_address()
+            if remote:
+                return str(remote[0])
+        return None
+
+    def _track(self, stream: BulkStream) -> BulkStream:
+        self._streams.setdefault(stream.peer, set()).add(stream)
+        return stream
+
+    async def _close_peer(self, peer: ID) -> None:
+        for stream in self._streams.pop(peer, set()):
+            with trio.CancelScope(shield=True):
+                await stream.close()
+
+    # ---- the acceptor ----------------------------------------------------------------
+
+    async def _on_open(self, peer: ID, request: Message) -> Message:
+        protocol = request.body.get("proto")
+        if not isinstance(protocol, str) or protocol not in self._handlers:
+            raise RpcError("unsupported_protocol", f"no bulk handler for {str(protocol)[:80]!r}")
+        now = time.monotonic()
+        for token in [t for t, p in self._pending.items() if p.expires < now]:
+            del self._pending[token]
+        if len(self._pending) >= MAX_PENDING:
+            raise RpcError("busy", "too many bulk streams being opened; use libp2p")
+        token, key = os.urandom(16), ChaCha20Poly1305.generate_key()
+        self._pending[token] = _Pending(peer, protocol, key, now + TOKEN_TTL)
+        return Message({"port": self.port, "token": token, "key": key})
+
+    async def _on_connection(self, sock: trio.SocketStream) -> None:
+        try:
+            with trio.fail_after(TOKEN_TTL):
+                token = bytearray()
+                while len(token) < 16:
+                    chunk = await sock.receive_some(16 - len(token))
+                    if not chunk:
+                        raise BulkError("closed before its token")
+                    token += chunk
+        except (BulkError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+            log.info("bulk connection without a token: %s", exc)
+            await sock.aclose()
+            return
+        pending = self._pending.pop(bytes(token), None)
+        now = time.monotonic()
+        if pending is None or pending.expires < now or pending.peer in self.host.refused:
+            log.info("bulk connection with an unknown or expired token: closed")
+            await sock.aclose()
+            return
+        handler = self._handlers.get(pending.protocol)
+        stream = self._track(BulkStream(sock, pending.key, pending.peer, opener=False))
+        try:
+            if handler is not None:
+                await handler(stream)
+        finally:
+            self._streams.get(pending.peer, set()).discard(stream)
+            with trio.CancelScope(shield=True):
+                await stream.close()
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen (on the IP of the host's first IPv4 listen address, any port) and serve
+        until cancelled."""
+        listeners = await trio.open_tcp_listeners(0, host=self._listen_ip())
+        self.port = listeners[0].socket.getsockname()[1]
+        notifee = _Closer(self)
+        self.host.libp2p.get_network().register_notifee(notifee)
+        self.host.channels.serve(PROTOCOL, self._on_open)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.serve_listeners(self._on_connection, listeners)
+        finally:
+            notifee.active = False
+            for peer in list(self._streams):
+                await self._close_peer(peer)
+
+    def _listen_ip(self) -> str:
+        for addr in self.host.listen_addrs():
+            parts = addr.split("/")
+            if len(parts) > 2 and parts[1] == "ip4":
+                return parts[2]
+        return "127.0.0.1"
+
+
+class _Closer(ConnectionNotifee):
+    """Closes a peer's bulk streams when its last libp2p connection closes."""
+
+    def __init__(self, bulk: Bulk) -> None:
+        self.bulk = bulk
+        self.active = True
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        peer = conn.muxed_conn.peer_id
+        if self.active and not network.connections.get(peer):
+            await self.bulk._close_peer(peer)
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self.bulk._unreachable.discard(conn.muxed_conn.peer_id)
+
+
+@asynccontextmanager
+async def open_bulk(host: Host) -> AsyncIterator[Bulk]:
+    """A running :class:`Bulk` on ``host``; its listener and streams close on exit."""
+    bulk = Bulk(host)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bulk.run)
+        try:
+            yield bulk
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+__all__ = ["FRAME", "PROTOCOL", "Bulk", "BulkError", "BulkStream", "BulkUnavailable", "open_bulk"]

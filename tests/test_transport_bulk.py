@@ -1,0 +1,136 @@
+"""Bulk streams between real libp2p hosts on loopback: bytes arrive intact both ways;
+an unknown token, a forged frame and an oversized length are refused with a typed error;
+the stream closes with the peers' libp2p connection; a protocol not served in bulk is
+BulkUnavailable (the caller uses libp2p)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import pytest
+import trio
+from conftest import loopback_host
+
+from shoal.transport.bulk import (
+    FRAME,
+    PROTOCOL,
+    Bulk,
+    BulkError,
+    BulkStream,
+    BulkUnavailable,
+    open_bulk,
+)
+from shoal.transport.host import Host
+from shoal.transport.rpc import Message
+
+pytestmark = pytest.mark.trio
+ECHO = "/test/echo/1"
+
+
+class Receiver:
+    """Serves ECHO: reads everything, then answers its sha256; records what ended it."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.ended: list[BaseException | None] = []
+        self.done = trio.Event()
+
+    async def __call__(self, stream: BulkStream) -> None:
+        data = bytearray()
+        try:
+            while chunk := await stream.read(1 << 16):
+                data += chunk
+            self.received.append(bytes(data))
+            await stream.write(hashlib.sha256(data).digest())
+            self.ended.append(None)
+        except (BulkError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            self.ended.append(exc)
+        finally:
+            self.done.set()
+
+
+@asynccontextmanager
+async def pair() -> AsyncIterator[tuple[Host, Bulk, Host, Bulk, Receiver]]:
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(loopback_host())
+        b = await stack.enter_async_context(loopback_host())
+        await a.connect(b.listen_addrs()[0])
+        bulk_a = await stack.enter_async_context(open_bulk(a))
+        bulk_b = await stack.enter_async_context(open_bulk(b))
+        receiver = Receiver()
+        bulk_b.serve(ECHO, receiver)
+        yield a, bulk_a, b, bulk_b, receiver
+
+
+async def test_bytes_arrive_intact_both_ways() -> None:
+    payload = os.urandom(3 * FRAME + 12345)  # several frames and a partial one
+    async with pair() as (_, bulk_a, b, _, receiver):
+        stream = await bulk_a.open(b.peer_id, ECHO)
+        await stream.write(payload[:100])
+        await stream.write(payload[100:])
+        await stream.sock.send_eof()
+        with trio.fail_after(10):
+            digest = await stream.read()
+        assert receiver.received == [payload]
+        assert digest == hashlib.sha256(payload).digest()
+        assert receiver.ended == [None]
+        await stream.close()
+
+
+async def test_a_protocol_not_served_in_bulk_is_unavailable() -> None:
+    async with pair() as (_, bulk_a, b, _, _):
+        with pytest.raises(BulkUnavailable, match="unsupported_protocol"):
+            await bulk_a.open(b.peer_id, "/test/other/1")
+
+
+async def _raw(a: Host, b: Host, bulk_b: Bulk, token: bytes | None) -> trio.SocketStream:
+    """A plain TCP connection to b's bulk port that sends ``token`` (None: a real one)."""
+    if token is None:
+        reply = await a.channels.call(b.peer_id, PROTOCOL, Message({"t": "open", "proto": ECHO}))
+        token = reply.body["token"]
+    sock = await trio.open_tcp_stream("127.0.0.1", bulk_b.port)
+    await sock.send_all(token)
+    return sock
+
+
+async def test_an_unknown_token_is_closed_without_reaching_the_handler() -> None:
+    async with pair() as (a, _, b, bulk_b, receiver):
+        async with await _raw(a, b, bulk_b, os.urandom(16)) as sock:
+            with trio.fail_after(5):
+                assert await sock.receive_some(10) == b""  # closed by b
+        assert not receiver.done.is_set()
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        struct.pack(">I", 64) + os.urandom(64),  # a frame not sealed with the key
+        struct.pack(">I", FRAME + 17),  # over the limit: refused before allocating it
+        struct.pack(">I", 5),  # shorter than a tag
+    ],
+    ids=["forged", "oversized", "undersized"],
+)
+async def test_bad_frames_end_the_stream_with_a_bulk_error(frame: bytes) -> None:
+    async with pair() as (a, _, b, bulk_b, receiver):
+        async with await _raw(a, b, bulk_b, None) as sock:
+            await sock.send_all(frame)
+            with trio.fail_after(5):
+                await receiver.done.wait()
+        assert len(receiver.ended) == 1 and isinstance(receiver.ended[0], BulkError)
+        assert receiver.received == []
+
+
+async def test_the_stream_closes_with_the_libp2p_connection() -> None:
+    async with pair() as (a, bulk_a, b, _, receiver):
+        stream = await bulk_a.open(b.peer_id, ECHO)
+        await stream.write(b"x" * 1000)
+        await b.libp2p.disconnect(a.peer_id)
+        with trio.fail_after(5):
+            await receiver.done.wait()
+        assert receiver.received == [] and receiver.ended[0] is not None
+        with pytest.raises(BulkUnavailable, match="no direct TCP connection"):
+            await bulk_a.open(b.peer_id, ECHO)

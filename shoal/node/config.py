@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.node.errors import ConfigError
+from shoal.pipeline.serving import ServerConfig
 from shoal.transport.host import DEFAULT_LISTEN
 
 DEFAULT_API = "127.0.0.1:8470"
@@ -142,6 +143,14 @@ class NodeConfig:
         if self.max_memory is None and self.tp_group is None and available:
             changes["max_memory"] = str(int(available * PI_MEMORY_SHARE))
         return replace(self, **changes)
+
+    def server_config(self) -> ServerConfig:
+        """The span server's session limits, as this node was told."""
+        return ServerConfig(
+            max_sessions=self.max_sessions,
+            max_cache_tokens=self.max_cache_tokens,
+            session_idle=self.session_idle,
+        )
 
     def compute_threads(self, cpu_count: int | None) -> int:
         """Torch threads for a machine with ``cpu_count`` cores (None: unknown)."""

@@ -38,7 +38,7 @@ from shoal.pipeline.chain import ChainConfig, RemoteSwarm
 from shoal.pipeline.loading import builtin_models, open_checkpoint, resolve_model
 from shoal.pipeline.model import Span
 from shoal.pipeline.routing import choose_span
-from shoal.pipeline.serving import ModelFiles, ServerConfig, SpanServer, measure_throughput
+from shoal.pipeline.serving import ModelFiles, SpanServer, measure_throughput
 from shoal.pipeline.tp_group import TensorGroup
 from shoal.pipeline.window import WindowedSpan, load_bounded_span
 from shoal.state.document import SwarmState
@@ -322,11 +322,7 @@ async def serve_model(node: Node, *, task_status: TaskStatus[SpanServer]) -> Non
         model_id,
         weights,
         files,
-        ServerConfig(
-            max_sessions=config.max_sessions,
-            max_cache_tokens=config.max_cache_tokens,
-            session_idle=config.session_idle,
-        ),
+        config.server_config(),
         throughput=throughput,
     )
     try:

@@ -21,7 +21,7 @@ import trio
 from shoal.node.errors import NodeError
 from shoal.pipeline.loading import open_checkpoint
 from shoal.pipeline.model import Span
-from shoal.pipeline.serving import ModelFiles, ServerConfig, SpanServer, measure_throughput
+from shoal.pipeline.serving import ModelFiles, SpanServer, measure_throughput
 from shoal.pipeline.tensor_parallel import Shard, ShardedSpan, load_shard
 from shoal.pipeline.tp_group import (
     PLAN_TIMEOUT,
@@ -155,11 +155,7 @@ async def _serve_as_leader(
         model_id,
         weights,
         files,
-        ServerConfig(
-            max_sessions=config.max_sessions,
-            max_cache_tokens=config.max_cache_tokens,
-            session_idle=config.session_idle,
-        ),
+        config.server_config(),
         throughput=throughput,
         block_runner=group.run_blocks,
     )

@@ -1,10 +1,12 @@
 """Churn in a DiLoCo run among real processes on loopback (``tests/training_peer.py``,
 ``"mode": "run"``): a peer (the coordinator, or another member) is ``kill -9``'d in the
-middle of round 3 and a new peer joins before round 5; the run goes on, the joiner's synced state and every later round's
+middle of round 3 and a new peer (or the killed one, restarted with its identity) joins
+before round 5; the run goes on, the joiner's synced state and every later round's
 hash equal the others', and the held-out loss stays within 5% of the run without churn."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -77,20 +79,27 @@ def _baseline_loss() -> tuple[float, float]:
     return initial, held_out(peers[0].model)
 
 
-@pytest.mark.parametrize("kill", ["coordinator", "member"])
+def _key_seed(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("kill", ["coordinator", "member", "restart"])
 def test_kill_9_mid_round_and_a_joiner_mid_run(tmp_path: Path, kill: str) -> None:
     """``coordinator``: the lowest id dies right after deciding round 3's members (it may
     not have answered everyone: the survivors retry with attempt 1). ``member``: the
-    highest id dies as its round-3 all-reduce begins (the survivors' all-reduce drops it)."""
+    highest id dies as its round-3 all-reduce begins (the survivors' all-reduce drops it).
+    ``restart``: as ``member``, and the joiner is the killed peer restarted with its
+    identity (the survivors readmit a peer they saw fail)."""
     procs: dict[str, subprocess.Popen[bytes]] = {}
     common = {"rounds": ROUNDS, "inner_steps": INNER_STEPS, "seed": SEED, "shards": 3}
     try:
         for i, name in enumerate(ORIGINALS):
             cfg = common | {
+                "key_seed": _key_seed(name),
                 "shard": i,
                 "min_members": 3,
                 "kill_round": KILL_ROUND,
-                "kill": kill,
+                "kill": "member" if kill == "restart" else kill,
                 "hold_round": HOLD_ROUND,
                 "bootstrap": None if i == 0 else "c0",
             }
@@ -110,12 +119,12 @@ def test_kill_9_mid_round_and_a_joiner_mid_run(tmp_path: Path, kill: str) -> Non
             lambda: all(len(_rounds(tmp_path, n)) >= HOLD_ROUND - 1 for n in survivors),
         )
         # the survivors now wait before round 5; a joiner takes the victim's shard
-        procs["j"] = _start(
-            tmp_path,
-            "j",
-            common
-            | {"shard": ORIGINALS.index(victim), "batch_seed": 999, "bootstrap": survivors[1]},
-        )
+        joiner = {"shard": ORIGINALS.index(victim), "bootstrap": survivors[1]}
+        if kill == "restart":
+            joiner["key_seed"] = _key_seed(victim)
+        else:
+            joiner["batch_seed"] = 999
+        procs["j"] = _start(tmp_path, "j", common | joiner)
 
         def joined() -> bool:
             out = _read(tmp_path / "j.out.json")
@@ -139,6 +148,7 @@ def test_kill_9_mid_round_and_a_joiner_mid_run(tmp_path: Path, kill: str) -> Non
     ids = {n: outs[n]["peer_id"] for n in outs}  # type: ignore[index]
     victim_id = _read(tmp_path / f"{victim}.addr.json")["peer_id"]  # type: ignore[index]
     assert procs[victim].returncode == -9
+    assert (ids["j"] == victim_id) == (kill == "restart")
     if kill == "coordinator":
         assert victim_id < min(ids[n] for n in survivors)
     else:

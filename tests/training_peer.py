@@ -195,7 +195,10 @@ async def main_run(cfg: dict[str, Any]) -> None:
             return
         report()
 
-    host_config = HostConfig(key_pair=create_new_key_pair(), listen=("/ip4/127.0.0.1/tcp/0",))
+    # "key_seed": a fixed identity (a peer restarted with the identity it had)
+    seed = cfg.get("key_seed")
+    key_pair = create_new_key_pair(bytes.fromhex(seed) if seed else None)
+    host_config = HostConfig(key_pair=key_pair, listen=("/ip4/127.0.0.1/tcp/0",))
     async with (
         open_host(host_config) as host,
         open_collectives(

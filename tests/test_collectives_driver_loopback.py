@@ -62,7 +62,7 @@ async def reduce_all(
 
 
 async def test_a_silent_connected_member_is_dropped_by_deadlines() -> None:
-    async with drivers(4, DriverConfig(deadline=0.5, timeout=30)) as ds:
+    async with drivers(4, DriverConfig(deadline=1.5, timeout=60)) as ds:
         view = make_view("silent/0", [Member(d.me) for d in ds], (5000,))
         xs = tensors(ds, 5000)
         silent = ds[0]  # connected, serving its streams, never starts the operation
@@ -71,7 +71,7 @@ async def test_a_silent_connected_member_is_dropped_by_deadlines() -> None:
         async def one(d: CollectivesDriver) -> None:
             results[d.me] = await d.all_reduce(view, xs[d.me])
 
-        with trio.fail_after(20):
+        with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 for d in ds[1:]:
                     nursery.start_soon(one, d)

@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import pytest
 import trio
 from conftest import loopback_host
+from libp2p.peer.id import ID
 
 from shoal.transport.bulk import (
     FRAME,
@@ -22,8 +23,8 @@ from shoal.transport.bulk import (
     BulkError,
     BulkStream,
     BulkUnavailable,
-    open_bulk,
 )
+from shoal.transport.channel import ChannelProtocol
 from shoal.transport.host import Host
 from shoal.transport.rpc import Message
 
@@ -59,8 +60,8 @@ async def pair() -> AsyncIterator[tuple[Host, Bulk, Host, Bulk, Receiver]]:
         a = await stack.enter_async_context(loopback_host())
         b = await stack.enter_async_context(loopback_host())
         await a.connect(b.listen_addrs()[0])
-        bulk_a = await stack.enter_async_context(open_bulk(a))
-        bulk_b = await stack.enter_async_context(open_bulk(b))
+        assert a.bulk is not None and b.bulk is not None  # every host runs one
+        bulk_a, bulk_b = a.bulk, b.bulk
         receiver = Receiver()
         bulk_b.serve(ECHO, receiver)
         yield a, bulk_a, b, bulk_b, receiver
@@ -134,3 +135,20 @@ async def test_the_stream_closes_with_the_libp2p_connection() -> None:
         assert receiver.received == [] and receiver.ended[0] is not None
         with pytest.raises(BulkUnavailable, match="no direct TCP connection"):
             await bulk_a.open(b.peer_id, ECHO)
+
+
+async def test_a_channel_protocol_marked_bulk_calls_over_a_bulk_stream() -> None:
+    proto = ChannelProtocol(name="test-bulk-echo", max_request=4 << 20, bulk=True)
+
+    async def echo(peer: ID, request: Message) -> Message:
+        return Message({"n": len(request.payload)}, hashlib.sha256(request.payload).digest())
+
+    async with pair() as (a, bulk_a, b, _, _):
+        b.channels.serve(proto, echo)
+        for size in (0, 10, 3 * FRAME + 7):
+            payload = os.urandom(size)
+            reply = await a.channels.call(b.peer_id, proto, Message({}, payload))
+            assert reply.body == {"n": size}
+            assert reply.payload == hashlib.sha256(payload).digest()
+        assert bulk_a.opened == {proto.id: 1}  # one stream, reused by every call
+        assert a.channels.opened == {proto.id: 1, PROTOCOL.id: 1}  # (the opening call)

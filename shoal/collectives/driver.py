@@ -170,9 +170,8 @@ class CollectivesDriver:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                if self.config.bulk:
-                    self._bulk = Bulk(self.host)
-                    await nursery.start(self._bulk.run)
+                if self.config.bulk and self.host.bulk is not None:
+                    self._bulk = self.host.bulk
                     self._bulk.serve(PROTOCOL, self._on_bulk)
                 self.host.libp2p.set_stream_handler(PROTOCOL, self._on_stream)
                 network.register_notifee(notifee)
@@ -180,7 +179,9 @@ class CollectivesDriver:
                 await trio.sleep_forever()
         finally:
             self._nursery = None
-            self._bulk = None
+            if self._bulk is not None:
+                self._bulk.unserve(PROTOCOL)
+                self._bulk = None
             self.host.libp2p.remove_stream_handler(PROTOCOL)
             notifee.active = False
 

@@ -77,6 +77,7 @@ TP = ChannelProtocol(
     # caller reused it; a step call is not idempotent, so that broke the group.
     idle_close=3600.0,
     idle_timeout=7200.0,
+    bulk=True,  # a step is 16 latency-bound all-reduces per token: no Python Noise/yamux
 )
 
 

@@ -34,8 +34,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -47,13 +46,15 @@ from libp2p.peer.id import ID
 
 from shoal.transport.channel import ChannelProtocol
 from shoal.transport.circuit import conn_is_relayed
-from shoal.transport.errors import RemoteError, RpcError, TransportError
-from shoal.transport.host import ConnectionNotifee, Host
+from shoal.transport.errors import BulkError, BulkUnavailable, RemoteError, RpcError
+from shoal.transport.notifee import ConnectionNotifee
 from shoal.transport.rpc import Message
 
 if TYPE_CHECKING:
     # trio-typing's stale stubs (pulled in by libp2p) shadow trio's own types.
     from trio_typing import TaskStatus
+
+    from shoal.transport.host import Host
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +67,6 @@ CONNECT_TIMEOUT = 3.0
 _LENGTH = struct.Struct(">I")
 
 BulkHandler = Callable[["BulkStream"], Awaitable[None]]
-
-
-class BulkError(TransportError):
-    """A bulk stream's bytes failed to decrypt or broke the framing."""
-
-
-class BulkUnavailable(TransportError):
-    """No bulk stream to that peer (relayed, unreachable port, or it does not serve the
-    protocol in bulk): use a libp2p stream."""
 
 
 class BulkStream:
@@ -90,6 +82,7 @@ class BulkStream:
         self._received = 0
         self._pending: bytes | bytearray = b""
         self._send_lock = trio.Lock()
+        self.muxed_conn = _PeerOf(peer)  # what users of a libp2p stream read of it
         # one sealed frame each way, reused: length prefix, ciphertext, tag
         self._wbuf = bytearray(_LENGTH.size + FRAME + TAG)
         self._rbuf = bytearray(_LENGTH.size + FRAME + TAG)
@@ -158,6 +151,11 @@ class BulkStream:
         await self.close()
 
 
+@dataclass(frozen=True)
+class _PeerOf:
+    peer_id: ID
+
+
 @dataclass
 class _Pending:
     peer: ID
@@ -177,6 +175,8 @@ class Bulk:
         self._streams: dict[ID, set[BulkStream]] = {}
         self._unreachable: set[ID] = set()
         self._nursery: trio.Nursery | None = None
+        #: Streams opened by this side, per protocol (for tests and status).
+        self.opened: dict[str, int] = {}
 
     def serve(self, protocol: str, handler: BulkHandler) -> None:
         self._handlers[protocol] = handler
@@ -211,6 +211,7 @@ class Bulk:
             self._unreachable.add(peer)
             raise BulkUnavailable(f"cannot reach {peer}'s bulk port {ip}:{port}: {exc}") from exc
         await sock.send_all(token)
+        self.opened[protocol] = self.opened.get(protocol, 0) + 1
         return self._track(BulkStream(sock, key, peer, opener=True))
 
     def _direct_ip(self, peer: ID) -> str | None:
@@ -317,16 +318,4 @@ class _Closer(ConnectionNotifee):
         self.bulk._unreachable.discard(conn.muxed_conn.peer_id)
 
 
-@asynccontextmanager
-async def open_bulk(host: Host) -> AsyncIterator[Bulk]:
-    """A running :class:`Bulk` on ``host``; its listener and streams close on exit."""
-    bulk = Bulk(host)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(bulk.run)
-        try:
-            yield bulk
-        finally:
-            nursery.cancel_scope.cancel()
-
-
-__all__ = ["FRAME", "PROTOCOL", "Bulk", "BulkError", "BulkStream", "BulkUnavailable", "open_bulk"]
+__all__ = ["FRAME", "PROTOCOL", "Bulk", "BulkError", "BulkStream", "BulkUnavailable"]

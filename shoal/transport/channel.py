@@ -32,14 +32,23 @@ import itertools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from shoal.transport.errors import FrameError, FrameTooLarge, RemoteError, RpcError
+if TYPE_CHECKING:
+    from shoal.transport.bulk import Bulk, BulkStream
+
+from shoal.transport.errors import (
+    BulkUnavailable,
+    FrameError,
+    FrameTooLarge,
+    RemoteError,
+    RpcError,
+)
 from shoal.transport.framing import Frame
 from shoal.transport.rpc import FramedStream, Message, UnaryHandler, frame_message, open_failure
 
@@ -58,6 +67,9 @@ class ChannelProtocol:
     timeout: float = 30.0
     #: Calls served at once over all streams of this protocol (bounds the memory pinned).
     max_concurrent: int = 256
+    #: Carry the calls on a bulk stream (shoal.transport.bulk) where the peer can be
+    #: reached that way: per-message latency-bound traffic (tensor-parallel all-reduces).
+    bulk: bool = False
     #: A caller closes a stream unused this long; a server one silent ``idle_timeout``.
     idle_close: float = 20.0
     idle_timeout: float = 60.0
@@ -181,13 +193,15 @@ class Channels:
         self._sweeping = False
         #: Streams opened by this side, per protocol id (for tests and status).
         self.opened: dict[str, int] = {}
+        #: The host's bulk streams, for protocols with ``bulk`` (set by open_host).
+        self.bulk: Bulk | None = None
 
     # ---- serving ---------------------------------------------------------------------
 
     def serve(self, proto: ChannelProtocol, handler: UnaryHandler) -> None:
         slots = trio.Semaphore(proto.max_concurrent)
 
-        async def on_stream(stream: INetStream) -> None:
+        async def on_stream(stream: INetStream | BulkStream) -> None:
             framed = FramedStream(stream, max_payload=proto.max_request)
             peer = framed.peer
             write_lock = trio.Lock()
@@ -263,6 +277,8 @@ class Channels:
                 await framed.aclose()
 
         self.host.set_stream_handler(proto.id, on_stream)
+        if proto.bulk and self.bulk is not None:
+            self.bulk.serve(proto.id, on_stream)
 
     # ---- calling ---------------------------------------------------------------------
 
@@ -297,7 +313,7 @@ class Channels:
             if link is not None and not link.closed:
                 return link, False
             try:
-                stream = await self.host.new_stream(peer, [proto.id])
+                stream = await self._open(peer, proto)
             except Exception as exc:
                 raise open_failure(peer, proto.id, exc) from exc
             link = _Link(FramedStream(stream, max_payload=proto.max_response), proto)
@@ -308,6 +324,14 @@ class Channels:
                 self._sweeping = True
                 self._nursery.start_soon(self._close_idle)
             return link, True
+
+    async def _open(self, peer: ID, proto: ChannelProtocol) -> INetStream | BulkStream:
+        if proto.bulk and self.bulk is not None:
+            try:
+                return await self.bulk.open(peer, proto.id)
+            except BulkUnavailable as exc:
+                log.debug("%s to %s over libp2p: %s", proto.id, peer, exc)
+        return await self.host.new_stream(peer, [proto.id])
 
     async def _close_idle(self) -> None:
         while True:

@@ -70,3 +70,12 @@ class RelayError(TransportError):
         super().__init__(f"relay {relay}: {reason}")
         self.relay = relay
         self.reason = reason
+
+
+class BulkError(TransportError):
+    """A bulk stream's bytes failed to decrypt or broke the framing."""
+
+
+class BulkUnavailable(TransportError):
+    """No bulk stream to that peer (relayed, unreachable port, or it does not serve the
+    protocol in bulk): use a libp2p stream."""

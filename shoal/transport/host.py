@@ -63,7 +63,7 @@ import libp2p.stream_muxer.yamux.yamux as _libp2p_yamux
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, INetConn, INetStream, INetwork
 from libp2p.connection_types import ConnectionType
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
@@ -83,10 +83,12 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
+from shoal.transport.bulk import Bulk
 from shoal.transport.channel import Channels
 from shoal.transport.circuit import dial_circuit, is_circuit_addr
 from shoal.transport.errors import DialError
 from shoal.transport.logs import route_libp2p_logs
+from shoal.transport.notifee import ConnectionNotifee
 from shoal.transport.rpc import Rpc
 
 log = logging.getLogger(__name__)
@@ -304,6 +306,8 @@ class Host:
     relayed_addrs: list[str] = field(default_factory=list)
     # Peers refused in both directions (bans, operator-cut links, partition tests).
     refused: set[ID] = field(default_factory=set)
+    # Bulk streams beside the libp2p connections (tensors; shoal.transport.bulk).
+    bulk: Bulk | None = None
 
     def __post_init__(self) -> None:
         self.libp2p.get_network().register_notifee(_RefuseNotifee(self))
@@ -391,28 +395,6 @@ class Host:
             addrs = tuple(str(a) for c in conns for a in _conn_addrs(c))
             out.append(PeerLink(str(peer), addrs, relayed))
         return sorted(out, key=lambda link: link.peer_id)
-
-
-class ConnectionNotifee(INotifee):
-    """A py-libp2p notifee that ignores everything; override what you need."""
-
-    async def connected(self, network: INetwork, conn: INetConn) -> None:
-        return None
-
-    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
-        return None
-
-    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
-
-    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
-
-    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
-        return None
-
-    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
-        return None
 
 
 class _RefuseNotifee(ConnectionNotifee):
@@ -528,6 +510,9 @@ async def open_host(config: HostConfig) -> AsyncIterator[Host]:
                     channels=Channels(libp2p_host, channel_tasks),
                     pubsub=pubsub,
                 )
+                host.bulk = Bulk(host)
+                await channel_tasks.start(host.bulk.run)
+                host.channels.bulk = host.bulk
                 log.info("listening on %s", ", ".join(host.listen_addrs()))
                 try:
                     yield host

@@ -205,6 +205,23 @@ def test_int8_members_quantize_their_own_slices() -> None:
     assert got_tokens == want_tokens
 
 
+def test_int4_members_generate_what_one_int4_process_does() -> None:
+    """int4 groups of 32 input columns: the split keeps every group whole on one member,
+    so greedy decoding agrees with one process holding the whole span in int4."""
+    checkpoint = open_checkpoint(TINY)
+    full = load_span(checkpoint)
+    plan = plan_split(checkpoint.config, {"a": 1.0, "b": 1.0, "c": 1.0}, quantize="int4")
+    assert [s.col_end - s.col_start for s in plan.shards] == [192, 160, 160]
+    members = [load_shard(checkpoint, full.span, s, quantize="int4") for s in plan.shards]
+    assert type(members[0].layers["0"].mlp.down_proj).__name__ == "Int4Linear"
+    prompt = [72, 101, 108, 108, 111]
+    got_tokens, got_hidden = group_generate(full, members, prompt, 16)
+    want_tokens, want_hidden = full_generate(load_span(checkpoint, quantize="int4"), prompt, 16)
+    assert got_tokens == want_tokens
+    scale = want_hidden[0].abs().max()
+    assert (got_hidden[0] - want_hidden[0]).abs().max() < 0.02 * scale
+
+
 def test_output_biases_are_added_once_and_qkv_biases_split(tmp_path: Path) -> None:
     """Llama with attention_bias and mlp_bias: o_proj/down_proj biases live on rank 0."""
     directory = tmp_path / "biased"

@@ -25,6 +25,7 @@ from shoal.transport.bulk import (
     BulkUnavailable,
 )
 from shoal.transport.channel import ChannelProtocol
+from shoal.transport.errors import RemoteError
 from shoal.transport.host import Host
 from shoal.transport.rpc import Message
 
@@ -152,3 +153,18 @@ async def test_a_channel_protocol_marked_bulk_calls_over_a_bulk_stream() -> None
             assert reply.payload == hashlib.sha256(payload).digest()
         assert bulk_a.opened == {proto.id: 1}  # one stream, reused by every call
         assert a.channels.opened == {proto.id: 1, PROTOCOL.id: 1}  # (the opening call)
+
+
+async def test_tokens_a_peer_leaves_unused_are_capped() -> None:
+    """A peer that asks for bulk streams and never connects holds at most 8 tokens; the
+    9th request is answered ``busy`` (its caller falls back to libp2p)."""
+    async with pair() as (a, bulk_a, b, _, _):
+        request = Message({"t": "open", "proto": ECHO})
+        tokens = {(await a.channels.call(b.peer_id, PROTOCOL, request)).body["token"]}
+        for _ in range(7):
+            tokens.add((await a.channels.call(b.peer_id, PROTOCOL, request)).body["token"])
+        assert len(tokens) == 8
+        with pytest.raises(RemoteError, match="busy"):
+            await a.channels.call(b.peer_id, PROTOCOL, request)
+        with pytest.raises(BulkUnavailable, match="busy"):
+            await bulk_a.open(b.peer_id, ECHO)

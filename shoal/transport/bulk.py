@@ -63,6 +63,8 @@ FRAME = 1 << 20  # plaintext bytes per sealed frame
 TAG = 16  # Poly1305 tag bytes
 TOKEN_TTL = 10.0
 MAX_PENDING = 64  # tokens handed out and not used yet, per node
+MAX_PENDING_PER_PEER = 8
+MAX_UNAUTHENTICATED = 64  # connections still to send their token
 CONNECT_TIMEOUT = 3.0
 _LENGTH = struct.Struct(">I")
 
@@ -175,6 +177,7 @@ class Bulk:
         self._streams: dict[ID, set[BulkStream]] = {}
         self._unreachable: set[ID] = set()
         self._nursery: trio.Nursery | None = None
+        self._unauthenticated = 0
         #: Streams opened by this side, per protocol (for tests and status).
         self.opened: dict[str, int] = {}
 
@@ -210,7 +213,11 @@ class Bulk:
         except (OSError, trio.TooSlowError) as exc:
             self._unreachable.add(peer)
             raise BulkUnavailable(f"cannot reach {peer}'s bulk port {ip}:{port}: {exc}") from exc
-        await sock.send_all(token)
+        try:
+            await sock.send_all(token)
+        except (OSError, trio.BrokenResourceError) as exc:
+            await sock.aclose()
+            raise BulkUnavailable(f"{peer}'s bulk port closed on its token: {exc}") from exc
         self.opened[protocol] = self.opened.get(protocol, 0) + 1
         return self._track(BulkStream(sock, key, peer, opener=True))
 
@@ -241,13 +248,21 @@ class Bulk:
         now = time.monotonic()
         for token in [t for t, p in self._pending.items() if p.expires < now]:
             del self._pending[token]
-        if len(self._pending) >= MAX_PENDING:
+        mine = sum(1 for p in self._pending.values() if p.peer == peer)
+        if len(self._pending) >= MAX_PENDING or mine >= MAX_PENDING_PER_PEER:
             raise RpcError("busy", "too many bulk streams being opened; use libp2p")
         token, key = os.urandom(16), ChaCha20Poly1305.generate_key()
         self._pending[token] = _Pending(peer, protocol, key, now + TOKEN_TTL)
         return Message({"port": self.port, "token": token, "key": key})
 
     async def _on_connection(self, sock: trio.SocketStream) -> None:
+        if self._unauthenticated >= MAX_UNAUTHENTICATED:
+            log.info(
+                "bulk connection refused: %d others still owe their token", MAX_UNAUTHENTICATED
+            )
+            await sock.aclose()
+            return
+        self._unauthenticated += 1
         try:
             with trio.fail_after(TOKEN_TTL):
                 token = bytearray()
@@ -260,6 +275,8 @@ class Bulk:
             log.info("bulk connection without a token: %s", exc)
             await sock.aclose()
             return
+        finally:
+            self._unauthenticated -= 1
         pending = self._pending.pop(bytes(token), None)
         now = time.monotonic()
         if pending is None or pending.expires < now or pending.peer in self.host.refused:

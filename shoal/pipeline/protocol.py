@@ -42,6 +42,7 @@ INFERENCE = ChannelProtocol(
     max_concurrent=256,
     idle_close=60.0,
     idle_timeout=120.0,
+    bulk=True,  # a token's step per hop is latency-bound: no Python Noise/yamux where direct
 )
 
 MAX_ROUTE = 64

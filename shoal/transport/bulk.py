@@ -65,7 +65,7 @@ TOKEN_TTL = 10.0
 MAX_PENDING = 64  # tokens handed out and not used yet, per node
 MAX_PENDING_PER_PEER = 8
 MAX_UNAUTHENTICATED = 64  # connections still to send their token
-CONNECT_TIMEOUT = 3.0
+CONNECT_TIMEOUT = 1.0  # (a hole-punched peer's bulk port has no NAT mapping: this is lost once)
 _LENGTH = struct.Struct(">I")
 
 BulkHandler = Callable[["BulkStream"], Awaitable[None]]

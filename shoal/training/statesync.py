@@ -55,6 +55,7 @@ STATE_PROTOCOL = ChannelProtocol(
     timeout=60.0,
     max_concurrent=64,
     idempotent=True,
+    bulk=True,  # a joiner downloads the whole state: bytes, from peers it all-reduces with
 )
 KEEP_EXPORTS = 2
 

@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import pytest
 import trio
 from conftest import loopback_host
+from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
 from shoal.transport.bulk import (
@@ -26,7 +27,7 @@ from shoal.transport.bulk import (
 )
 from shoal.transport.channel import ChannelProtocol
 from shoal.transport.errors import RemoteError
-from shoal.transport.host import Host
+from shoal.transport.host import Host, HostConfig, open_host
 from shoal.transport.rpc import Message
 
 pytestmark = pytest.mark.trio
@@ -168,3 +169,24 @@ async def test_tokens_a_peer_leaves_unused_are_capped() -> None:
             await a.channels.call(b.peer_id, PROTOCOL, request)
         with pytest.raises(BulkUnavailable, match="busy"):
             await bulk_a.open(b.peer_id, ECHO)
+
+
+async def test_a_host_without_bulk_serves_and_calls_over_libp2p() -> None:
+    """HostConfig(bulk=False) (``shoal node --no-bulk``): no bulk port; a peer that asks
+    for a bulk stream falls back, and bulk-marked calls between them work over libp2p."""
+    proto = ChannelProtocol(name="test-nobulk-echo", bulk=True)
+
+    async def echo(peer: ID, request: Message) -> Message:
+        return Message({"n": len(request.payload)})
+
+    config = HostConfig(
+        key_pair=create_new_key_pair(), listen=("/ip4/127.0.0.1/tcp/0",), bulk=False
+    )
+    async with loopback_host() as a, open_host(config) as b:
+        assert b.bulk is None and a.bulk is not None
+        b.channels.serve(proto, echo)
+        await a.connect(b.listen_addrs()[0])
+        with pytest.raises(BulkUnavailable, match="unsupported_protocol"):
+            await a.bulk.open(b.peer_id, proto.id)
+        reply = await a.channels.call(b.peer_id, proto, Message({}, b"x" * 100))
+        assert reply.body == {"n": 100} and a.bulk.opened == {}

@@ -51,6 +51,14 @@ def node(
         bool | None,
         typer.Option("--relay/--no-relay", help="serve as a relay for peers behind NAT"),
     ] = None,
+    bulk: Annotated[
+        bool | None,
+        typer.Option(
+            "--bulk/--no-bulk",
+            help="tensors over a second, sealed TCP port beside libp2p (default on; "
+            "--no-bulk where a firewall allows only the libp2p port)",
+        ),
+    ] = None,
     swarm: Annotated[str | None, typer.Option(help="swarm name (default: main)")] = None,
     swarm_key: Annotated[Path | None, typer.Option(help="pnet key file of a private swarm")] = None,
     api: Annotated[
@@ -131,6 +139,7 @@ def node(
                 "announce": tuple(announce or ()),
                 "data_dir": data_dir,
                 "relay": relay,
+                "bulk": bulk,
                 "swarm": swarm,
                 "swarm_key": swarm_key,
                 "api": api,

@@ -62,6 +62,7 @@ class NodeConfig:
     announce: addresses to advertise instead of the listen addresses.
     bootstrap: full multiaddrs (with /p2p/<id>) of peers to join through.
     relay: run a Circuit Relay v2 hop service for peers behind NAT (public nodes).
+    bulk: carry tensors over bulk streams (a second TCP port; docs/transport.md).
     swarm: the swarm's name; it prefixes DHT keys and gossip topics.
     swarm_key: a pnet key file for a private swarm (see `shoal keygen`).
     api: HOST:PORT for the HTTP API, or None to run without it.
@@ -99,6 +100,7 @@ class NodeConfig:
     announce: tuple[str, ...] = ()
     bootstrap: tuple[str, ...] = ()
     relay: bool = False
+    bulk: bool = True
     swarm: str = "main"
     swarm_key: Path | None = None
     api: str | None = DEFAULT_API

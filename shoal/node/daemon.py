@@ -236,7 +236,11 @@ async def run_node(
     key_pair = load_or_create_identity(config.data_dir)
     psk = read_swarm_key(config.swarm_key) if config.swarm_key else None
     host_config = HostConfig(
-        key_pair=key_pair, listen=config.listen, announce=config.announce, psk=psk
+        key_pair=key_pair,
+        listen=config.listen,
+        announce=config.announce,
+        psk=psk,
+        bulk=config.bulk,
     )
     # The saved state is there before any networking: a restarted node shows it at once.
     state = SwarmState(config.swarm, key_pair)

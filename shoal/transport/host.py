@@ -274,6 +274,8 @@ class HostConfig:
         behind a port forward); empty means advertise what we listen on.
     psk: a private swarm's pre-shared key as 64 hex digits (libp2p pnet), or None.
     dial_timeout: seconds one dial may take before it counts as failed.
+    bulk: run bulk streams (shoal.transport.bulk: a second TCP port, for tensors); off,
+        every protocol uses libp2p streams.
     """
 
     key_pair: KeyPair
@@ -281,6 +283,7 @@ class HostConfig:
     announce: Sequence[str] = ()
     psk: str | None = None
     dial_timeout: float = 5.0
+    bulk: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,9 +513,10 @@ async def open_host(config: HostConfig) -> AsyncIterator[Host]:
                     channels=Channels(libp2p_host, channel_tasks),
                     pubsub=pubsub,
                 )
-                host.bulk = Bulk(host)
-                await channel_tasks.start(host.bulk.run)
-                host.channels.bulk = host.bulk
+                if config.bulk:
+                    host.bulk = Bulk(host)
+                    await channel_tasks.start(host.bulk.run)
+                    host.channels.bulk = host.bulk
                 log.info("listening on %s", ", ".join(host.listen_addrs()))
                 try:
                     yield host

@@ -1,27 +1,31 @@
-"""Delayed links for the edge benchmark (scripts/bench/edge.py): every link between the
-nodes of a tensor-parallel group held D ms each way.
+"""Delayed links for the edge benchmark (scripts/bench/edge.py): every link to a node of
+a configuration held D ms each way.
 
-Two ways, picked by :func:`netem_available`:
+Every node runs in a network namespace of its own (``shoal-edge-I``, 10.213.0.(I+2)), its
+veth on one bridge in the root namespace (10.213.0.1: the bootstrap node and the client).
+Two ways to delay, picked by :func:`netem_available`:
 
-- ``proxy`` (what runs on a kernel without netem): a userspace TCP proxy in front of each
-  node. The node listens on a port of its own and announces the proxy's address
-  (``shoal node --announce``), so whoever dials it from the swarm dials the proxy. The
-  proxy forwards both directions and holds every chunk D ms before forwarding it, in
-  order: per direction a reader stamps each chunk with its due time into a queue and a
-  sender waits until the chunk is due. trio's sleeps wake on whole milliseconds (epoll
-  takes a timeout in ms, rounded up), so the sender sleeps in trio until 1 ms before the
-  due time and the rest in ``time.sleep``; that blocks the proxy's loop for under 1 ms
-  per chunk, which is why the proxies run in a process of their own
-  (``python scripts/bench/delaylink.py serve``), not in the client's.
-- ``netem``: each node in a network namespace, its veth on one bridge in the root
-  namespace, ``tc qdisc ... netem delay D`` on the node's side of its veth (each packet a
-  node sends waits D, so a round trip between two nodes waits 2 D, as through the proxy).
-  The kernel this was written on has no netem (``CONFIG_NET_SCH_NETEM`` is not set), so
-  this path has never run with a delay; with delay 0 (no qdisc) the namespaces were not
-  exercised either in the figures of docs/benchmarks.md. Treat it as a sketch.
+- ``proxy`` (what runs on a kernel without netem): a userspace TCP proxy in each node's
+  namespace, on the namespace's address, in front of the node, which listens on the
+  namespace's 127.0.0.1 and announces the proxy's address (``shoal node --announce``).
+  Whoever dials the node from outside dials the proxy; the listen address itself, which
+  the DHT and identify also pass around, leads nowhere outside the namespace, so no link
+  can skip the delay. The proxy forwards both directions and holds every chunk D ms
+  before forwarding it, in order: per direction a reader stamps each chunk with its due
+  time into a queue and a sender waits until the chunk is due. trio's sleeps wake on
+  whole milliseconds (epoll takes its timeout in ms, rounded up), so the sender sleeps in
+  trio until 1 ms before the due time and the rest in ``time.sleep``, which blocks the
+  proxy's loop for under 1 ms; hence a process of its own per node
+  (``python scripts/bench/delaylink.py serve``). A round trip through it waits 2 D, also
+  the client's to the node.
+- ``netem``: the node listens on its namespace's address and ``tc qdisc ... netem delay D``
+  sits on its side of the veth: every packet a node sends waits D, so a round trip
+  between two nodes waits 2 D (a client's, in the root namespace, D). The kernel this was
+  written on has no netem (``CONFIG_NET_SCH_NETEM`` is not set): the namespaces and the
+  bridge of this path ran (with D = 0, no qdisc), the qdisc itself never has.
 
 :func:`echo_rtt` measures what a link really adds: a one-byte echo through a proxy with the
-same delay, printed next to the figures.
+same delay (netem: from one namespace to another), printed next to the figures.
 """
 
 from __future__ import annotations

@@ -339,7 +339,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS),
                         help="configurations on plain loopback")  # fmt: skip
     parser.add_argument("--delay-ms", type=delays, default=[],
                         help="one-way link delays, e.g. 0,0.5,5 (0: the links' own cost)")  # fmt: skip

@@ -52,6 +52,7 @@ import delaylink  # noqa: E402
 
 from shoal.client import open_client  # noqa: E402
 from shoal.pipeline.chain import ChainConfig  # noqa: E402
+from shoal.pipeline.errors import ModelNotFound  # noqa: E402
 from shoal.pipeline.generate import generate  # noqa: E402
 from shoal.pipeline.loading import Checkpoint, load_span, open_checkpoint  # noqa: E402
 from shoal.pipeline.model import Span  # noqa: E402
@@ -81,7 +82,7 @@ class Node:
         prefix: Sequence[str] = (),
     ) -> None:
         self.data_dir = data_dir
-        self.log = data_dir.with_suffix(".log")
+        self.log = data_dir.parent / f"{data_dir.name}.log"
         command = [
             *prefix, sys.executable, "-m", "shoal.node.cli", "node", "--data-dir", str(data_dir),
             *listen, "--api", "off", *args,
@@ -189,6 +190,21 @@ async def decode_rate(
     return (new - 1) / (times[-1] - times[0]), tokens
 
 
+def warm_up(args: argparse.Namespace, boot: str, model_id: str) -> None:
+    """One generation, retried until the model is found (a group over slow links may take
+    longer to announce itself than the client looks for it: 20 s) or --start-timeout."""
+    deadline = time.monotonic() + args.start_timeout
+    done = False
+    while not done:
+        try:
+            trio.run(decode_rate, boot, model_id, args.prompt, args.new_tokens)
+            done = True
+        except* ModelNotFound:
+            if time.monotonic() > deadline:
+                raise
+            print(f"{model_id}: not announced yet, asking again", flush=True)
+
+
 def weight_bytes(checkpoint: Checkpoint) -> int:
     """Bytes of the whole model's weights as served (fp32, not quantized)."""
     plan = plan_span(checkpoint, Span.full(checkpoint.config), 1 << 62, dtype=torch.float32,
@@ -223,7 +239,7 @@ def measure(
             )
         for node in nodes:
             node.wait(args.start_timeout)
-        trio.run(decode_rate, addr, model_id, args.prompt, args.new_tokens)  # warm-up
+        warm_up(args, addr, model_id)
         rates = []
         for _ in range(args.repeats):
             rate, tokens = trio.run(decode_rate, addr, model_id, args.prompt, args.new_tokens)

@@ -190,19 +190,23 @@ async def decode_rate(
     return (new - 1) / (times[-1] - times[0]), tokens
 
 
-def warm_up(args: argparse.Namespace, boot: str, model_id: str) -> None:
-    """One generation, retried until the model is found (a group over slow links may take
-    longer to announce itself than the client looks for it: 20 s) or --start-timeout."""
+def generation(
+    args: argparse.Namespace, boot: str, model_id: str, retries: list[str]
+) -> tuple[float, list[int]]:
+    """One timed generation, asked again while the model is not found, until
+    --start-timeout: a group over slow links may announce itself later than the client
+    looks for it (20 s), and its leader, whose dial-back check fails through the proxies
+    (the proxy hides the dialer's IP), goes to DHT client mode, after which the client
+    has been seen to miss its records for a while. Each retry is noted in ``retries``."""
     deadline = time.monotonic() + args.start_timeout
-    done = False
-    while not done:
+    while True:
         try:
-            trio.run(decode_rate, boot, model_id, args.prompt, args.new_tokens)
-            done = True
+            return trio.run(decode_rate, boot, model_id, args.prompt, args.new_tokens)
         except* ModelNotFound:
             if time.monotonic() > deadline:
                 raise
-            print(f"{model_id}: not announced yet, asking again", flush=True)
+            retries.append(time.strftime("%H:%M:%S"))
+        print(f"{model_id}: not found, asking again", flush=True)
 
 
 def weight_bytes(checkpoint: Checkpoint) -> int:
@@ -239,10 +243,11 @@ def measure(
             )
         for node in nodes:
             node.wait(args.start_timeout)
-        warm_up(args, addr, model_id)
+        retries: list[str] = []
+        generation(args, addr, model_id, retries)  # warm-up
         rates = []
         for _ in range(args.repeats):
-            rate, tokens = trio.run(decode_rate, addr, model_id, args.prompt, args.new_tokens)
+            rate, tokens = generation(args, addr, model_id, retries)
             if tokens != expected:
                 raise RuntimeError(f"{label}: wrong tokens {tokens} != {expected}")
             rates.append(rate)
@@ -258,7 +263,8 @@ def measure(
            "members": size, "topology": topology,
            "decode_tokens_per_s": round(statistics.median(rates), 2),
            "runs": [round(r, 2) for r in rates],
-           "peak_rss_mb": [None if r is None else round(r / 1e6) for r in rss]}  # fmt: skip
+           "peak_rss_mb": [None if r is None else round(r / 1e6) for r in rss],
+           "model_not_found_retries": len(retries)}  # fmt: skip
     if name == "window":
         row["max_memory"] = args.max_memory
     print(row, flush=True)

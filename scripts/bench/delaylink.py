@@ -17,7 +17,12 @@ Two ways to delay, picked by :func:`netem_available`:
   trio until 1 ms before the due time and the rest in ``time.sleep``, which blocks the
   proxy's loop for under 1 ms; hence a process of its own per node
   (``python scripts/bench/delaylink.py serve``). A round trip through it waits 2 D, also
-  the client's to the node.
+  the client's to the node. A node sees whoever dialled it through its proxy at
+  127.0.0.1, so when shoal's dial-back check (docs/nat.md) dials a peer back at that IP
+  and the peer's announced port, a relay in every other namespace passes
+  127.0.0.1:PORT on to the peer's proxy, undelayed (the proxy delays it); without it,
+  leaders judged themselves unreachable, switched their DHT to client mode, and the
+  client stopped finding the model.
 - ``netem``: the node listens on its namespace's address and ``tc qdisc ... netem delay D``
   sits on its side of the veth: every packet a node sends waits D, so a round trip
   between two nodes waits 2 D (a client's, in the root namespace, D). The kernel this was
@@ -196,9 +201,11 @@ class ProxyProcess:
         *,
         host: str = "127.0.0.1",
         prefix: Sequence[str] = (),
+        relays: Sequence[tuple[int, str]] = (),
     ) -> ProxyProcess:
         command = [*prefix, sys.executable, str(Path(__file__).resolve()), "serve", host]
         command += [str(delay_ms), *(f"{listen}:{target}" for listen, target in routes)]
+        command += [f"--relay={port}:{ip}" for port, ip in relays]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         assert process.stdout is not None
         line = process.stdout.readline()  # "ready ECHO_PORT" once every proxy listens
@@ -220,10 +227,14 @@ class ProxyProcess:
             self.process.stdout.close()
 
 
-async def _serve(host: str, routes: Sequence[tuple[int, int]], delay: float) -> None:
+async def _serve(
+    host: str, routes: Sequence[tuple[int, int]], delay: float, relays: Sequence[tuple[int, str]]
+) -> None:
     async with trio.open_nursery() as nursery:
         for listen, target in routes:
             await nursery.start(DelayProxy(target, delay, port=listen, host=host).serve)
+        for port, ip in relays:
+            await nursery.start(DelayProxy(port, 0.0, port=port, target_host=ip).serve)
         echo = await nursery.start(echo_server)
         echo_proxy = await nursery.start(DelayProxy(echo, delay, host=host).serve)
         print(f"ready {echo_proxy}", flush=True)
@@ -328,6 +339,12 @@ def main() -> None:
     serve.add_argument("host", help="the address the proxies listen on")
     serve.add_argument("delay_ms", type=float)
     serve.add_argument("routes", nargs="*", help="LISTEN_PORT:TARGET_PORT")
+    serve.add_argument(
+        "--relay",
+        action="append",
+        default=[],
+        help="PORT:IP: pass 127.0.0.1:PORT through to IP:PORT undelayed (repeatable)",
+    )
     sub.add_parser("probe", help="can this kernel do netem?")
     echo = sub.add_parser("echo", help="an echo server on HOST; prints 'ready PORT'")
     echo.add_argument("host")
@@ -345,7 +362,8 @@ def main() -> None:
         print(echo_rtt(args.port, host=args.host))
         return
     routes = [tuple(int(p) for p in r.split(":")) for r in args.routes]
-    trio.run(_serve, args.host, [(a, b) for a, b in routes], args.delay_ms / 1000)
+    relays = [(int(r.split(":")[0]), r.split(":")[1]) for r in args.relay]
+    trio.run(_serve, args.host, [(a, b) for a, b in routes], args.delay_ms / 1000, relays)
 
 
 if __name__ == "__main__":

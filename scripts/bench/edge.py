@@ -143,11 +143,14 @@ class Link:
         """Set up the links of ``size`` nodes; the measured round trip (s) of one link."""
         if self.mode == "proxy":
             self.ports = [delaylink.free_port() for _ in range(size)]
+            ns = self.namespaces
             for i, own in enumerate(self.ports):
-                ns = self.namespaces
+                # the dial-back check dials a peer at 127.0.0.1 (where this node sees it)
+                relays = [(p + 1, ns.ip(j)) for j, p in enumerate(self.ports) if j != i]
                 proxy = delaylink.ProxyProcess.start(
-                    [(own + 1, own)], self.delay_ms, host=ns.ip(i), prefix=ns.prefix(i)
-                )
+                    [(own + 1, own)], self.delay_ms, host=ns.ip(i), prefix=ns.prefix(i),
+                    relays=relays,
+                )  # fmt: skip
                 self.proxies.append(proxy)
             return self.proxies[0].rtt()
         if self.mode == "netem" and size > 1:

@@ -7,7 +7,8 @@ Decodes greedy tokens from the same model twice, each in a fresh process
 once under ``--max-memory``. Prints decode tokens/s, the windowed/unbounded ratio, peak RSS,
 and weight memory (peak RSS minus the RSS before the weights loaded). Without ``--model``
 it writes the random 1.01 GB Llama of the memory test (10 blocks of 100.7 MB, fp32) to a
-temporary directory. :func:`compare` is the hook the edge benchmark calls.
+temporary directory. :func:`compare` is the hook for other scripts (the edge benchmark
+measures the window in a serving node instead).
 """
 
 from __future__ import annotations

@@ -229,6 +229,8 @@ def measure(
     model_id = f"edge-{label.replace('@', '-')}"  # its own id: no stale announcement
     extra = ["--model", args.model, "--model-id", model_id, "--blocks", f"0:{checkpoint.config.num_layers}"]  # fmt: skip
     extra += ["--threads", str(args.threads)]
+    if args.no_bulk:
+        extra += ["--no-bulk"]
     if name == "window":
         extra += ["--max-memory", str(args.max_memory)]
     if topology is not None:
@@ -374,6 +376,8 @@ def main() -> None:
                         help="run groups of 3 only at these of --delay-ms (default: all)")  # fmt: skip
     parser.add_argument("--link", choices=["auto", "proxy", "netem"], default="auto",
                         help="how links are delayed (auto: netem where the kernel has it)")  # fmt: skip
+    parser.add_argument("--no-bulk", action="store_true",
+                        help="nodes run --no-bulk (every link over libp2p streams)")  # fmt: skip
     parser.add_argument("--max-memory", type=int, default=None,
                         help="the window row's bound in bytes (default: half the weights)")  # fmt: skip
     parser.add_argument(

@@ -41,10 +41,13 @@ FAST = DiscoveryConfig(refresh_interval=2.0, lookup_timeout=5.0, absent_ttl=0.5)
 
 @asynccontextmanager
 async def open_peer(
-    config: DiscoveryConfig = FAST, reachability: Reachability = Reachability.UNKNOWN
+    config: DiscoveryConfig = FAST,
+    reachability: Reachability = Reachability.UNKNOWN,
+    announce: tuple[str, ...] = (),
 ) -> AsyncIterator[tuple[Host, Discovery]]:
     key = create_new_key_pair()
-    async with open_host(HostConfig(key_pair=key, listen=(LOOPBACK,))) as host:
+    host_config = HostConfig(key_pair=key, listen=(LOOPBACK,), announce=announce)
+    async with open_host(host_config) as host:
         host.reachability = reachability
         discovery = Discovery(host, "lab", key, config)
         async with trio.open_nursery() as nursery:
@@ -188,7 +191,9 @@ async def test_forged_and_malformed_records_are_refused_on_store_and_ignored_on_
 
 async def test_bad_dht_queries_get_typed_errors_and_the_node_keeps_answering() -> None:
     async with AsyncExitStack() as stack:
-        peers = [await stack.enter_async_context(open_peer()) for _ in range(2)]
+        public = "/ip4/198.51.100.7/tcp/4001"  # a's --announce (a port forward, say)
+        peers = [await stack.enter_async_context(open_peer(announce=(public,)))]
+        peers.append(await stack.enter_async_context(open_peer()))
         await mesh(peers)
         (host_a, a), (host_b, b) = peers
         b.announce("tiny", 0, 1)
@@ -211,6 +216,8 @@ async def test_bad_dht_queries_get_typed_errors_and_the_node_keeps_answering() -
         await query.provide(host_a, host_b.peer_id, [key])
         stored = b.dht.provider_store.get_providers(key)  # type: ignore[union-attr]
         assert [str(info.peer_id) for info in stored] == [a.peer_id]
+        # with the address it announces, not the one it listens on
+        assert [str(x) for x in stored[0].addrs] == [f"{public}/p2p/{a.peer_id}"]
         found = await query.find(host_a, host_b.peer_id, [key], values=False)
         assert [str(p) for p in found[0].providers] == [a.peer_id]
         assert [r.peer_id for r in await a.find_servers("tiny", 0)] == [b.peer_id]

@@ -49,7 +49,7 @@ from shoal.dht.records import (
     validate,
 )
 from shoal.dht.records import select as select_record
-from shoal.transport.host import Host, Reachability
+from shoal.transport.host import Host, Reachability, advertised_multiaddrs
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -249,7 +249,7 @@ class Discovery:
         dht = self._require_dht()
         if dht.mode is DHTMode.SERVER:
             dht.value_store.put(record_key, record.encode())
-            me = PeerInfo(self.host.libp2p.get_id(), self.host.libp2p.get_addrs())
+            me = PeerInfo(self.host.libp2p.get_id(), advertised_multiaddrs(self.host))
             for key in provider_keys:
                 dht.provider_store.add_provider(key, me)
         walks = await self._lookup([record_key, *provider_keys], values=False)

@@ -36,7 +36,7 @@ from multiaddr import Multiaddr
 from shoal.dht.kad import LEARNED_ADDR_TTL, PROVIDER_RATE_MAX, KadNode, RequestFailed
 from shoal.transport.channel import ChannelProtocol
 from shoal.transport.errors import RemoteError, RpcError
-from shoal.transport.host import Host
+from shoal.transport.host import Host, advertised_multiaddrs
 from shoal.transport.rpc import Message
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,8 @@ async def find(host: Host, peer: ID, keys: list[bytes], *, values: bool) -> list
 
 async def provide(host: Host, peer: ID, keys: list[bytes]) -> None:
     """Have ``peer`` store us as a provider of ``keys``; raises :class:`RequestFailed`."""
-    addrs = [a.to_bytes() for a in host.libp2p.get_addrs()[:MAX_ADDRS]]
+    # what the node advertises (--announce, wildcards expanded), not what it listens on
+    addrs = [a.to_bytes() for a in advertised_multiaddrs(host)[:MAX_ADDRS]]
     try:
         reply = await host.channels.call(
             peer, DHT_QUERY, Message({"op": "provide", "keys": keys, "addrs": addrs})

@@ -427,6 +427,11 @@ def _conn_addrs(conn: object) -> list[multiaddr.Multiaddr]:
         return []
 
 
+def advertised_multiaddrs(host: Host) -> list[multiaddr.Multiaddr]:
+    """:meth:`Host.advertised_addrs` as multiaddrs (for records that carry them)."""
+    return [multiaddr.Multiaddr(a) for a in host.advertised_addrs()]
+
+
 def _with_peer_id(addr: multiaddr.Multiaddr, peer: ID) -> str:
     text = str(addr)
     if "/p2p/" in text:

@@ -1,10 +1,14 @@
-"""Shared fixtures: real libp2p hosts on loopback."""
+"""Shared fixtures: real libp2p hosts on loopback, and the benchmark scripts as modules."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import traceback
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -13,6 +17,17 @@ from libp2p.crypto.keys import KeyPair
 from shoal.transport.host import Host, HostConfig, open_host
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench"
+
+
+def load_bench_script(name: str) -> ModuleType:
+    """scripts/bench/<name>.py imported as the module ``bench_<name>`` (tests of its logic)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @asynccontextmanager

@@ -4,27 +4,12 @@ unchanged and in order, and every round trip waits at least twice the one-way de
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
-from pathlib import Path
-from types import ModuleType
 
 import trio
+from conftest import load_bench_script
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench" / "delaylink.py"
-
-
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_delaylink", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-delaylink = _load_script()
+delaylink = load_bench_script("delaylink")
 DELAY = 0.020
 
 

@@ -189,37 +189,32 @@ def test_slicing_a_loaded_span_equals_loading_the_slices(llama_dir: Path) -> Non
     assert "layers.1.self_attn.o_proj.bias" not in sliced
 
 
-def test_int8_members_quantize_their_own_slices() -> None:
+@pytest.mark.parametrize(
+    ("quantize", "widths", "linear", "reference", "tolerance"),
+    [
+        # int8 per output channel: within its quantization error of fp32
+        ("int8", [176, 176, 160], "Int8Linear", None, 0.05),
+        # int4 in groups of 32 input columns, each kept whole on one member: next to one
+        # process holding the whole span in int4
+        ("int4", [192, 160, 160], "Int4Linear", "int4", 0.02),
+    ],
+)
+def test_quantized_members_quantize_their_own_slices(
+    quantize: str, widths: list[int], linear: str, reference: str | None, tolerance: float
+) -> None:
     checkpoint = open_checkpoint(TINY)
     full = load_span(checkpoint)
-    plan = plan_split(checkpoint.config, {"a": 1.0, "b": 1.0, "c": 1.0}, quantize="int8")
-    assert [s.col_end - s.col_start for s in plan.shards] == [176, 176, 160]
-    members = [load_shard(checkpoint, full.span, s, quantize="int8") for s in plan.shards]
-    assert type(members[0].layers["0"].mlp.down_proj).__name__ == "Int8Linear"
+    plan = plan_split(checkpoint.config, {"a": 1.0, "b": 1.0, "c": 1.0}, quantize=quantize)
+    assert [s.col_end - s.col_start for s in plan.shards] == widths
+    members = [load_shard(checkpoint, full.span, s, quantize=quantize) for s in plan.shards]
+    assert type(members[0].layers["0"].mlp.down_proj).__name__ == linear
     prompt = [72, 101, 108, 108, 111]
     got_tokens, got_hidden = group_generate(full, members, prompt, 16)
-    want_tokens, want_hidden = full_generate(full, prompt, 16)
-    # int8 is within its quantization error of fp32, and greedy decoding agrees here
+    want = full if reference is None else load_span(checkpoint, quantize=reference)
+    want_tokens, want_hidden = full_generate(want, prompt, 16)
     scale = want_hidden[0].abs().max()
-    assert (got_hidden[0] - want_hidden[0]).abs().max() < 0.05 * scale
+    assert (got_hidden[0] - want_hidden[0]).abs().max() < tolerance * scale
     assert got_tokens == want_tokens
-
-
-def test_int4_members_generate_what_one_int4_process_does() -> None:
-    """int4 groups of 32 input columns: the split keeps every group whole on one member,
-    so greedy decoding agrees with one process holding the whole span in int4."""
-    checkpoint = open_checkpoint(TINY)
-    full = load_span(checkpoint)
-    plan = plan_split(checkpoint.config, {"a": 1.0, "b": 1.0, "c": 1.0}, quantize="int4")
-    assert [s.col_end - s.col_start for s in plan.shards] == [192, 160, 160]
-    members = [load_shard(checkpoint, full.span, s, quantize="int4") for s in plan.shards]
-    assert type(members[0].layers["0"].mlp.down_proj).__name__ == "Int4Linear"
-    prompt = [72, 101, 108, 108, 111]
-    got_tokens, got_hidden = group_generate(full, members, prompt, 16)
-    want_tokens, want_hidden = full_generate(load_span(checkpoint, quantize="int4"), prompt, 16)
-    assert got_tokens == want_tokens
-    scale = want_hidden[0].abs().max()
-    assert (got_hidden[0] - want_hidden[0]).abs().max() < 0.02 * scale
 
 
 def test_output_biases_are_added_once_and_qkv_biases_split(tmp_path: Path) -> None:

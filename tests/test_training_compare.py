@@ -7,28 +7,13 @@ architecture there); this test runs it on tests/training_peer.py's TINY-sized mo
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from conftest import load_bench_script
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench" / "diloco.py"
-
-
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_diloco", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_script()
+bench = load_bench_script("diloco")
 
 
 @pytest.fixture

@@ -190,3 +190,23 @@ async def test_a_host_without_bulk_serves_and_calls_over_libp2p() -> None:
             await a.bulk.open(b.peer_id, proto.id)
         reply = await a.channels.call(b.peer_id, proto, Message({}, b"x" * 100))
         assert reply.body == {"n": 100} and a.bulk.opened == {}
+
+
+async def test_a_failing_handler_ends_its_stream_and_the_host_keeps_serving() -> None:
+    async def broken(stream: BulkStream) -> None:
+        await stream.read()
+        raise ValueError("a bug in a handler")
+
+    async with pair() as (_, bulk_a, b, bulk_b, _):
+        bulk_b.serve("/test/broken/1", broken)
+        stream = await bulk_a.open(b.peer_id, "/test/broken/1")
+        await stream.write(b"x")
+        with trio.fail_after(5):
+            assert await stream.read() == b""  # b closed it
+        await stream.close()
+        echo = await bulk_a.open(b.peer_id, ECHO)  # b's listener still serves
+        await echo.write(b"still here")
+        await echo.sock.send_eof()
+        with trio.fail_after(5):
+            assert await echo.read() == hashlib.sha256(b"still here").digest()
+        await echo.close()

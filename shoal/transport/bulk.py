@@ -288,6 +288,8 @@ class Bulk:
         try:
             if handler is not None:
                 await handler(stream)
+        except Exception:  # a handler's bug ends its stream, never the listener (the host)
+            log.exception("bulk handler for %s from %s failed", pending.protocol, pending.peer)
         finally:
             self._streams.get(pending.peer, set()).discard(stream)
             with trio.CancelScope(shield=True):

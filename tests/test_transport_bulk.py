@@ -71,7 +71,7 @@ async def pair() -> AsyncIterator[tuple[Host, Bulk, Host, Bulk, Receiver]]:
 
 async def test_bytes_arrive_intact_both_ways() -> None:
     payload = os.urandom(3 * FRAME + 12345)  # several frames and a partial one
-    async with pair() as (_, bulk_a, b, _, receiver):
+    async with pair() as (_, bulk_a, b, bulk_b, receiver):
         stream = await bulk_a.open(b.peer_id, ECHO)
         await stream.write(payload[:100])
         await stream.write(payload[100:])
@@ -82,6 +82,11 @@ async def test_bytes_arrive_intact_both_ways() -> None:
         assert digest == hashlib.sha256(payload).digest()
         assert receiver.ended == [None]
         await stream.close()
+        # a closed stream is no longer tracked on either side (its buffers go with it)
+        assert not bulk_a._streams.get(b.peer_id)
+        with trio.fail_after(5):  # (b closes its side once the handler has returned)
+            while any(bulk_b._streams.values()):  # noqa: ASYNC110
+                await trio.sleep(0.01)
 
 
 async def test_a_protocol_not_served_in_bulk_is_unavailable() -> None:

@@ -172,7 +172,7 @@ class CollectivesDriver:
                 self._nursery = nursery
                 if self.config.bulk and self.host.bulk is not None:
                     self._bulk = self.host.bulk
-                    self._bulk.serve(PROTOCOL, self._on_bulk)
+                    self._bulk.serve(PROTOCOL, self._on_stream)
                 self.host.libp2p.set_stream_handler(PROTOCOL, self._on_stream)
                 network.register_notifee(notifee)
                 task_status.started()
@@ -376,13 +376,8 @@ class CollectivesDriver:
         limits = [r.op.max_message_bytes for r in self._running.values()]
         return max([self.config.max_early_frame, *limits])
 
-    async def _on_stream(self, stream: INetStream) -> None:
-        await self._read_loop(str(stream.muxed_conn.peer_id), stream)
-
-    async def _on_bulk(self, stream: BulkStream) -> None:
-        await self._read_loop(str(stream.peer), stream)
-
-    async def _read_loop(self, peer: str, stream: INetStream | BulkStream) -> None:
+    async def _on_stream(self, stream: INetStream | BulkStream) -> None:
+        peer = str(stream.muxed_conn.peer_id)
         decoder = FrameDecoder(max_header=DEFAULT_MAX_HEADER, max_payload=self._frame_limit())
         why = "stream ended"
         try:

@@ -75,7 +75,15 @@ class BulkStream:
     """One direction-sealed TCP stream to ``peer`` (``read``/``write``/``close``/``reset``,
     as a libp2p stream offers)."""
 
-    def __init__(self, sock: trio.SocketStream, key: bytes, peer: ID, *, opener: bool) -> None:
+    def __init__(
+        self,
+        sock: trio.SocketStream,
+        key: bytes,
+        peer: ID,
+        *,
+        opener: bool,
+        on_close: Callable[[BulkStream], None] = lambda stream: None,
+    ) -> None:
         self.sock = sock
         self.peer = peer
         self._aead = ChaCha20Poly1305(key)
@@ -88,7 +96,7 @@ class BulkStream:
         # one sealed frame each way, reused: length prefix, ciphertext, tag
         self._wbuf = bytearray(_LENGTH.size + FRAME + TAG)
         self._rbuf = bytearray(_LENGTH.size + FRAME + TAG)
-        self.closed = False
+        self._on_close = on_close
 
     def _nonce(self, direction: int, counter: int) -> bytes:
         return bytes([direction, 0, 0, 0]) + counter.to_bytes(8, "big")
@@ -146,7 +154,7 @@ class BulkStream:
         return True
 
     async def close(self) -> None:
-        self.closed = True
+        self._on_close(self)
         await self.sock.aclose()
 
     async def reset(self) -> None:
@@ -176,7 +184,6 @@ class Bulk:
         self._pending: dict[bytes, _Pending] = {}
         self._streams: dict[ID, set[BulkStream]] = {}
         self._unreachable: set[ID] = set()
-        self._nursery: trio.Nursery | None = None
         self._unauthenticated = 0
         #: Streams opened by this side, per protocol (for tests and status).
         self.opened: dict[str, int] = {}
@@ -219,7 +226,7 @@ class Bulk:
             await sock.aclose()
             raise BulkUnavailable(f"{peer}'s bulk port closed on its token: {exc}") from exc
         self.opened[protocol] = self.opened.get(protocol, 0) + 1
-        return self._track(BulkStream(sock, key, peer, opener=True))
+        return self._stream(sock, key, peer, opener=True)
 
     def _direct_ip(self, peer: ID) -> str | None:
         for conn in self.host.libp2p.get_network().connections.get(peer, ()):
@@ -230,8 +237,14 @@ class Bulk:
                 return str(remote[0])
         return None
 
-    def _track(self, stream: BulkStream) -> BulkStream:
-        self._streams.setdefault(stream.peer, set()).add(stream)
+    def _stream(self, sock: trio.SocketStream, key: bytes, peer: ID, *, opener: bool) -> BulkStream:
+        """A stream tracked (for :meth:`_close_peer`) until it closes."""
+
+        def untrack(stream: BulkStream) -> None:
+            self._streams.get(peer, set()).discard(stream)
+
+        stream = BulkStream(sock, key, peer, opener=opener, on_close=untrack)
+        self._streams.setdefault(peer, set()).add(stream)
         return stream
 
     async def _close_peer(self, peer: ID) -> None:
@@ -287,14 +300,13 @@ class Bulk:
             await sock.aclose()
             return
         handler = self._handlers.get(pending.protocol)
-        stream = self._track(BulkStream(sock, pending.key, pending.peer, opener=False))
+        stream = self._stream(sock, pending.key, pending.peer, opener=False)
         try:
             if handler is not None:
                 await handler(stream)
         except Exception:  # a handler's bug ends its stream, never the listener (the host)
             log.exception("bulk handler for %s from %s failed", pending.protocol, pending.peer)
         finally:
-            self._streams.get(pending.peer, set()).discard(stream)
             with trio.CancelScope(shield=True):
                 await stream.close()
 
@@ -307,10 +319,8 @@ class Bulk:
         self.host.libp2p.get_network().register_notifee(notifee)
         self.host.channels.serve(PROTOCOL, self._on_open)
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
-                await trio.serve_listeners(self._on_connection, listeners)
+            task_status.started()
+            await trio.serve_listeners(self._on_connection, listeners)
         finally:
             notifee.active = False
             for peer in list(self._streams):

@@ -18,8 +18,32 @@ from test_collectives_support import (
 )
 
 from shoal.collectives import AllReduce, wire
-from shoal.collectives.errors import ChunkUnavailable, NoQuorum, OperationFailed
+from shoal.collectives.errors import (
+    ChunkUnavailable,
+    CollectiveError,
+    NoQuorum,
+    OperationFailed,
+)
 from shoal.collectives.memnet import Fault, MemoryNetwork
+
+
+def test_results_go_into_out_even_the_contribution_itself_as_gloo_in_place() -> None:
+    view = group(4, (7, 33))
+    xs = contributions(view, seed=3)
+    ref = reference(view, xs, view.peers)
+    ins = {p: x.clone() for p, x in xs.items()}  # the contributions, overwritten
+    outs = {p: (ins[p] if i % 2 else torch.empty(view.shape)) for i, p in enumerate(view.peers)}
+    ops = {p: AllReduce(view, p, out=outs[p]) for p in view.peers}
+    net = MemoryNetwork(ops)
+    for p in view.peers:
+        net.call(p, lambda p=p: ops[p].contribute(ins[p]))  # type: ignore[misc]
+    net.run()
+    for p, op in ops.items():
+        assert op.result is not None and op.result.tensor.data_ptr() == outs[p].data_ptr()
+        assert torch.equal(outs[p], ref) and op.result.digest == sha(ref)
+    for bad in (torch.empty(7, 32), torch.empty(7, 33, dtype=torch.float64), torch.empty(33, 7).T):
+        with pytest.raises(CollectiveError, match="out must be"):
+            AllReduce(view, view.peers[0], out=bad)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 6])

@@ -18,12 +18,16 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
 from shoal.transport.bulk import (
+    AES,
+    CHACHA,
     FRAME,
     PROTOCOL,
     Bulk,
     BulkError,
     BulkStream,
     BulkUnavailable,
+    choose_cipher,
+    cpu_has_aes,
 )
 from shoal.transport.channel import ChannelProtocol
 from shoal.transport.errors import RemoteError
@@ -40,9 +44,11 @@ class Receiver:
     def __init__(self) -> None:
         self.received: list[bytes] = []
         self.ended: list[BaseException | None] = []
+        self.ciphers: list[str] = []
         self.done = trio.Event()
 
     async def __call__(self, stream: BulkStream) -> None:
+        self.ciphers.append(stream.cipher)
         data = bytearray()
         try:
             while chunk := await stream.read(1 << 16):
@@ -89,6 +95,64 @@ async def test_bytes_arrive_intact_both_ways() -> None:
                 await trio.sleep(0.01)
 
 
+@pytest.mark.parametrize(
+    ("opener", "acceptor", "cipher"),
+    [
+        ([AES, CHACHA], [AES, CHACHA], AES),
+        ([CHACHA], [AES, CHACHA], CHACHA),
+        ([AES, CHACHA], [CHACHA], CHACHA),
+    ],
+)
+async def test_the_cipher_is_aes_only_when_both_prefer_it(
+    opener: list[str], acceptor: list[str], cipher: str
+) -> None:
+    payload = os.urandom(FRAME + 999)
+    async with pair() as (_, bulk_a, b, bulk_b, receiver):
+        bulk_a.ciphers, bulk_b.ciphers = opener, acceptor
+        stream = await bulk_a.open(b.peer_id, ECHO)
+        assert stream.cipher == cipher
+        await stream.write(payload)
+        await stream.sock.send_eof()
+        with trio.fail_after(10):
+            assert await stream.read() == hashlib.sha256(payload).digest()
+        assert receiver.ciphers == [cipher] and receiver.received == [payload]
+        await stream.close()
+
+
+async def test_cipher_choice_and_cpu_detection() -> None:
+    assert choose_cipher([AES, CHACHA], [AES, CHACHA]) == AES
+    assert choose_cipher(None, [AES, CHACHA]) == CHACHA  # an opener that predates the choice
+    assert choose_cipher(["rot13"], [AES, CHACHA]) == CHACHA
+    x86 = "processor\t: 0\nflags\t\t: fpu vme sse2 aes avx2 sha_ni\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32\n"
+    pi4 = "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32 cpuid\n"
+    assert cpu_has_aes(x86) and cpu_has_aes(arm) and not cpu_has_aes(pi4)
+    assert not cpu_has_aes("flags : aesni-like sse\n")
+
+
+async def test_parts_are_decrypted_straight_into_the_readers_buffer() -> None:
+    head, payload = b"header!", os.urandom(2 * FRAME + 4321)
+    got = bytearray(len(head) + len(payload))
+    done = trio.Event()
+
+    async def reader(stream: BulkStream) -> None:
+        view, filled = memoryview(got), 0
+        while filled < len(got):  # buffers smaller and larger than a frame
+            filled += await stream.read_into(
+                view[filled : filled + (3 if filled == 0 else FRAME * 2)]
+            )
+        done.set()
+
+    async with pair() as (_, bulk_a, b, bulk_b, _):
+        bulk_b.serve("/test/into/1", reader)
+        stream = await bulk_a.open(b.peer_id, "/test/into/1")
+        await stream.write_parts((head, memoryview(payload)))
+        with trio.fail_after(10):
+            await done.wait()
+        assert bytes(got) == head + payload
+        await stream.close()
+
+
 async def test_a_protocol_not_served_in_bulk_is_unavailable() -> None:
     async with pair() as (_, bulk_a, b, _, _):
         with pytest.raises(BulkUnavailable, match="unsupported_protocol"):
@@ -96,9 +160,11 @@ async def test_a_protocol_not_served_in_bulk_is_unavailable() -> None:
 
 
 async def _raw(a: Host, b: Host, bulk_b: Bulk, token: bytes | None) -> trio.SocketStream:
-    """A plain TCP connection to b's bulk port that sends ``token`` (None: a real one)."""
+    """A plain TCP connection to b's bulk port that sends ``token`` (None: a real one,
+    asked for as an opener that predates the cipher choice does: ChaCha20 is answered)."""
     if token is None:
         reply = await a.channels.call(b.peer_id, PROTOCOL, Message({"t": "open", "proto": ECHO}))
+        assert reply.body["cipher"] == CHACHA
         token = reply.body["token"]
     sock = await trio.open_tcp_stream("127.0.0.1", bulk_b.port)
     await sock.send_all(token)

@@ -32,6 +32,7 @@ import hashlib
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -53,10 +54,22 @@ from shoal.collectives.view import View
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """A message for the driver to deliver to ``to``."""
+    """A message for the driver to deliver to ``to``: the frame's length prefix and
+    header, then its payload (a view of the tensor bytes: written as it is, not copied
+    into the frame)."""
 
     to: str
-    data: bytes
+    head: bytes
+    payload: wire.Payload = b""
+
+    @property
+    def data(self) -> bytes:
+        """The whole frame as one bytes object (a copy: for tests and the memory network)."""
+        return self.head + bytes(self.payload) if self.payload else self.head
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.head) + len(self.payload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,19 +94,25 @@ class Decision:
         return cls((v["ve"], v["vn"]), tuple(v["s"]), tuple(v["d"]))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class AllReduceResult:
     """What a completed peer holds: the same bytes on every completed peer."""
 
     tag: str
     tensor: torch.Tensor  # fp32, the view's shape
     contributors: tuple[str, ...]
-    digest: bytes  # sha256 of the tensor's bytes
     chunk_digests: tuple[bytes, ...]
+
+    @cached_property
+    def digest(self) -> bytes:
+        """sha256 of the tensor's bytes (computed when first asked: 64 MiB take ~50 ms)."""
+        return hashlib.sha256(self.tensor.numpy().data).digest()  # the buffer, no copy
 
 
 def digest(payload: wire.Payload) -> bytes:
-    return hashlib.blake2b(payload, digest_size=16).digest()
+    """A chunk's digest: sha256 truncated to 128 bits (blake2b is half as fast where the
+    CPU has SHA instructions, as x86 since 2017 and ARMv8 have)."""
+    return hashlib.sha256(payload).digest()[:16]
 
 
 def reduce_chunk(
@@ -130,12 +149,64 @@ class _Coordinator:
     gone: set[str] = field(default_factory=set)  # suspected while recovering
 
 
-class AllReduce:
+class Receiver:
+    """``receive`` (whole frames) and ``receive_frame`` (frames a transport parsed) of an
+    operation: a refused message is recorded in ``rejections``; an accepted one goes to
+    ``_accept``."""
+
+    view: View
+    max_message_bytes: int
+    rejections: list[Rejected]
+
+    def receive(self, sender: str, data: bytes | memoryview) -> list[Send]:
+        return self._parse_then(
+            sender,
+            lambda: wire.decode_for(self.view, sender, data, max_bytes=self.max_message_bytes),
+        )
+
+    def receive_frame(
+        self, sender: str, header: Mapping[str, Any], payload: wire.Payload
+    ) -> list[Send]:
+        """:meth:`receive` of a frame a transport parsed already (no rebuilt copy)."""
+        return self._parse_then(
+            sender,
+            lambda: wire.frame_for(
+                self.view, sender, header, payload, max_bytes=self.max_message_bytes
+            ),
+        )
+
+    def _parse_then(self, sender: str, parse: Callable[[], wire.Message]) -> list[Send]:
+        try:
+            msg = parse()
+        except Rejected as exc:
+            self.rejections.append(exc)
+            return []
+        return self._accept(sender, msg)
+
+    def _accept(self, sender: str, msg: wire.Message) -> list[Send]:
+        raise NotImplementedError
+
+
+class AllReduce(Receiver):
     """One peer's side of one all-reduce operation (one view)."""
 
-    def __init__(self, view: View, me: str) -> None:
+    def __init__(self, view: View, me: str, *, out: torch.Tensor | None = None) -> None:
+        """``out``: where the result goes (a contiguous fp32 CPU tensor of the view's
+        shape, e.g. the contribution itself, as gloo's in-place all-reduce; it is written
+        only once the result is complete); a new tensor without it."""
         if me not in view.peers:
             raise CollectiveError(f"{me} is not a member of {view.tag!r}")
+        if out is not None and (
+            tuple(out.shape) != view.shape
+            or out.dtype != torch.float32
+            or out.device.type != "cpu"
+            or not out.is_contiguous()
+        ):
+            raise CollectiveError(
+                f"out must be a contiguous fp32 CPU tensor of shape {view.shape}, "
+                f"not {out.dtype} {tuple(out.shape)} on {out.device}"
+            )
+        self._into = out
         self.view = view
         self.me = me
         self.result: AllReduceResult | None = None
@@ -176,11 +247,14 @@ class AllReduce:
     def finished(self) -> bool:
         return self.result is not None or self.error is not None
 
-    def contribute(self, tensor: torch.Tensor) -> list[Send]:
+    def contribute(self, tensor: torch.Tensor, *, checked: bool = False) -> list[Send]:
         """The local contribution is ready. Raises :class:`BadContribution` (and changes
-        nothing) when it has the wrong shape or dtype or holds NaN/inf."""
+        nothing) when it has the wrong shape or dtype or holds NaN/inf (``checked``: the
+        caller ran :func:`~shoal.collectives.codec.check_contribution` on it already, a
+        pass over the whole tensor not to repeat)."""
         view = self.view
-        chunk_codec.check_contribution(self.me, tensor, view.shape, view.codec)
+        if not checked:
+            chunk_codec.check_contribution(self.me, tensor, view.shape, view.codec)
         if self._mine is not None or self._abstained:
             raise CollectiveError(f"{self.me} already contributed to {view.tag!r}")
         flat = tensor.detach().reshape(-1)
@@ -197,12 +271,7 @@ class AllReduce:
         self._bad.add(self.me)
         return self._run(lambda: self._report(self.me, "bad"))
 
-    def receive(self, sender: str, data: bytes | memoryview) -> list[Send]:
-        try:
-            msg = wire.decode_for(self.view, sender, data, max_bytes=self.max_message_bytes)
-        except Rejected as exc:
-            self.rejections.append(exc)
-            return []
+    def _accept(self, sender: str, msg: wire.Message) -> list[Send]:
         return self._run(lambda: self._handle(sender, msg))
 
     def peer_failed(self, peer: str) -> list[Send]:
@@ -230,7 +299,7 @@ class AllReduce:
             self._local.append(wire.Message(kind, self.view.tag, self.view.vh, fields, payload))
         elif to not in self._suspected:
             self._out.append(
-                Send(to, wire.encode(kind, self.view.tag, self.view.vh, fields, payload))
+                Send(to, *wire.encode_parts(kind, self.view.tag, self.view.vh, fields, payload))
             )
 
     def _broadcast(self, kind: str, fields: Mapping[str, Any]) -> None:
@@ -318,6 +387,8 @@ class AllReduce:
                 self._reject(MalformedMessage(sender, "CHOSEN differs from the chosen value"))
             return
         self.chosen = decision
+        # the contributions are no longer needed (the chosen chunks are in the store)
+        self._mine, self._slots, self._reduced = None, {}, {}
         coord = self._coord
         if coord is not None and coord.phase != "chosen":
             coord.phase, coord.decision = "chosen", decision
@@ -380,7 +451,7 @@ class AllReduce:
             self._reject(MalformedMessage(sender, f"chunk {c} does not exist"))
             return
         slots = self._slots.setdefault(c, {})
-        if sender in slots or sender in self._bad:
+        if sender in slots or sender in self._bad or self.chosen:
             return
         try:
             values = chunk_codec.decode_chunk(
@@ -500,17 +571,13 @@ class AllReduce:
         if any(p is None for p in payloads):
             return
         view = self.view
-        tensor = torch.empty(view.numel, dtype=torch.float32)
+        tensor = self._into.view(-1) if self._into is not None else torch.empty(view.numel)
         for c, payload in enumerate(payloads):
             assert payload is not None
             lo, hi = view.chunk(c)
             chunk_codec.decode_into(tensor[lo:hi], payload, view.codec, view.block)
         self.result = AllReduceResult(
-            view.tag,
-            tensor.reshape(view.shape),
-            d.contributors,
-            hashlib.sha256(tensor.numpy().data).digest(),  # the buffer, no copy
-            d.digests,
+            view.tag, tensor.reshape(view.shape), d.contributors, d.digests
         )
 
     # ------------------------------------------------------------------ failures

@@ -19,7 +19,6 @@ the same codec, the owner's own too, so the result does not depend on who owned 
 
 from __future__ import annotations
 
-import zlib
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,9 @@ from shoal.kernels.errors import CodecError
 CODECS = ("fp32", "fp16", "int8")
 DEFAULT_BLOCK = 64
 FP16_MAX = 65504.0
+#: a payload as built (bytes, a view of a tensor, an int8 chunk written in place) or
+#: received (a buffer or a view of one)
+Payload = bytes | bytearray | memoryview
 _WIRE: dict[str, tuple[str, torch.dtype]] = {
     "fp32": ("raw", torch.float32),
     "fp16": ("raw", torch.float16),
@@ -48,24 +50,25 @@ def payload_nbytes(codec: str, n: int, block: int) -> int:
     return 4 * -(-n // block) + n
 
 
-def encode_chunk(
-    values: torch.Tensor, codec: str, block: int
-) -> tuple[dict[str, Any], bytes | bytearray]:
-    """A 1-D fp32 chunk -> (kernels codec header, payload): the bytes and header of
-    ``shoal.kernels.codecs.encode``; int8 is computed here with fewer passes and
-    temporaries (:func:`_int8_block`, checked equal byte for byte in the tests)."""
+def encode_chunk(values: torch.Tensor, codec: str, block: int) -> tuple[dict[str, Any], Payload]:
+    """A 1-D fp32 chunk -> (header, payload): the header and bytes of
+    ``shoal.kernels.codecs.encode`` without its crc32 (the transports authenticate every
+    byte: Noise, or a bulk stream's AEAD). No copy where none is needed: an fp32 payload
+    is a view of ``values`` itself (the caller leaves it unchanged while the payload is in
+    use), fp16 a view of its cast; int8 is computed here with fewer passes and temporaries
+    (:func:`_int8_block`, checked equal byte for byte in the tests)."""
     kind, dtype = _WIRE[codec]
-    if codec != "int8":
-        return codecs.encode(values, codec=kind, dtype=dtype, block=block)
-    payload = _int8_block(values.detach().to("cpu", torch.float32).contiguous(), block)
-    header = {
-        "dtype": "float32",
-        "shape": [values.numel()],
+    flat = values.detach().to("cpu", torch.float32).contiguous().reshape(-1)
+    raw = codec != "int8"
+    payload: Payload = flat.to(dtype).numpy().data.cast("B") if raw else _int8_block(flat, block)
+    header: dict[str, Any] = {
+        "dtype": "float16" if codec == "fp16" else "float32",
+        "shape": [flat.numel()],
         "codec": kind,
         "nbytes": len(payload),
-        "checksum": zlib.crc32(payload),
-        "block": block,
     }
+    if codec == "int8":
+        header["block"] = block
     return header, payload
 
 
@@ -134,8 +137,9 @@ def decode_chunk(
     block: int,
 ) -> torch.Tensor:
     """Validate a contribution's header against what the view expects, then decode it to
-    fp32. Raises :class:`BadContribution` naming the field; allocates only after the
-    header's sizes match the expected ones."""
+    fp32 (an aligned, writable fp32 payload is used in place, without a copy). Raises
+    :class:`BadContribution` naming the field; allocates only after the header's sizes
+    match the expected ones."""
     kind, dtype = _WIRE[codec]
     if not isinstance(header, dict):
         raise BadContribution(peer, "codec", "tensor header is not a map")
@@ -154,10 +158,12 @@ def decode_chunk(
         codecs.expected_nbytes(header, max_elements=n)
     except CodecError as exc:
         raise BadContribution(peer, exc.field, str(exc)) from exc
-    if zlib.crc32(payload) != header.get("checksum"):
-        raise BadContribution(peer, "checksum", "the payload's crc32 does not match the header")
-    values = torch.empty(n, dtype=torch.float32)
-    decode_into(values, payload, codec, block)
+    raw = np.frombuffer(payload, dtype="<f4") if codec == "fp32" else None
+    if raw is not None and raw.flags.writeable and raw.flags.aligned:
+        values = torch.from_numpy(raw)  # the received buffer itself: no copy
+    else:
+        values = torch.empty(n, dtype=torch.float32)
+        decode_into(values, payload, codec, block)
     if not all_finite(values):
         raise BadContribution(peer, "nonfinite", "NaN or infinity in the contribution")
     return values

@@ -61,9 +61,10 @@ from shoal.collectives.errors import (
 from shoal.collectives.mux import Collectives, Operation
 from shoal.collectives.star import StarAllReduce
 from shoal.collectives.view import View
+from shoal.transport.buffers import BufferPool
 from shoal.transport.bulk import Bulk, BulkStream, BulkUnavailable
 from shoal.transport.errors import FrameError, FrameTooLarge
-from shoal.transport.framing import DEFAULT_MAX_HEADER, FrameDecoder, encode_header
+from shoal.transport.framing import DEFAULT_MAX_HEADER, FrameDecoder
 from shoal.transport.host import ConnectionNotifee, Host
 
 if TYPE_CHECKING:
@@ -78,8 +79,8 @@ READ_SIZE = 1 << 20
 # whole result (CHOSEN, the last REPL_ACK/CHUNK_DONE on small groups)
 _HEAVY = frozenset({"AMEND", "CHOSEN", "RCOMMIT", "REPL_ACK", "SRESULT"})
 
-#: Called with (destination, frame) just before a frame is written (instrumentation and
-#: fault-injection tests; it must not block).
+#: Called with (destination, the frame's length prefix and header) just before a frame is
+#: written (instrumentation and fault-injection tests; it must not block).
 SendHook = Callable[[str, bytes], None]
 
 
@@ -123,7 +124,7 @@ class _Outbox:
 
     def __init__(self, peer: str) -> None:
         self.peer = peer
-        self.send, self.receive = trio.open_memory_channel[bytes](math.inf)
+        self.send, self.receive = trio.open_memory_channel[Send](math.inf)
         self.dead = False
         self.bytes_queued = 0
         self.written = trio.Event()  # set while nothing is queued (or the peer is gone)
@@ -158,6 +159,7 @@ class CollectivesDriver:
         self._last_byte = 0.0
         self._nursery: trio.Nursery | None = None
         self._bulk: Bulk | None = None
+        self._buffers = BufferPool()  # payloads, reused once the machines let go of them
         #: Streams opened to peers, by kind ("bulk", "libp2p"): for tests and status.
         self.opened: dict[str, int] = {}
 
@@ -192,20 +194,29 @@ class CollectivesDriver:
         *,
         star: bool = False,
         leader: str | None = None,
+        out: torch.Tensor | None = None,
     ) -> AllReduceResult:
         """Run one operation of ``view`` with this peer's contribution (``None``: take
-        part without one). Returns the result every completing peer holds; raises the
-        operation's :class:`OperationFailed`, or :class:`BadContribution` at once for a
-        bad local tensor (nothing is sent then)."""
+        part without one). Returns the result every completing peer holds (in ``out``
+        when given: see :class:`AllReduce`); raises the operation's
+        :class:`OperationFailed`, or :class:`BadContribution` at once for a bad local
+        tensor (nothing is sent then)."""
+        if star and out is not None:
+            raise CollectiveError("a star all-reduce returns a new tensor (no out=)")
         op: AllReduce | StarAllReduce = (
-            StarAllReduce(view, self.me, leader=leader) if star else AllReduce(view, self.me)
+            StarAllReduce(view, self.me, leader=leader)
+            if star
+            else AllReduce(view, self.me, out=out)
         )
         if tensor is None:
             if isinstance(op, StarAllReduce):
                 raise CollectiveError("a star all-reduce member must contribute")
             return await self.run_operation(op, op.abstain)
         check_contribution(self.me, tensor, view.shape, view.codec)  # raises before anything
-        return await self.run_operation(op, lambda: op.contribute(tensor))
+        if isinstance(op, StarAllReduce):
+            return await self.run_operation(op, lambda: op.contribute(tensor))
+        butterfly = op
+        return await self.run_operation(op, lambda: butterfly.contribute(tensor, checked=True))
 
     async def run_operation(
         self, op: Operation, begin: Callable[[], list[Send]]
@@ -292,10 +303,10 @@ class CollectivesDriver:
                     raise CollectiveError("the collectives driver is not running")
                 self._nursery.start_soon(self._write_loop, box)
             if not box.dead:
-                box.bytes_queued += len(send.data)
+                box.bytes_queued += send.nbytes
                 if box.written.is_set():
                     box.written = trio.Event()
-                box.send.send_nowait(send.data)
+                box.send.send_nowait(send)
         self._finish_check()
 
     def _finish_check(self) -> None:
@@ -349,14 +360,19 @@ class CollectivesDriver:
         try:
             with trio.fail_after(self.config.open_timeout):
                 stream = await self._open(box.peer)
-            async for data in box.receive:
+            async for send in box.receive:
                 if box.dead:
                     continue
                 if self.before_send is not None:
-                    self.before_send(box.peer, data)
-                await stream.write(data)
-                box.bytes_queued -= len(data)
-                self.bytes_sent += len(data)
+                    self.before_send(box.peer, send.head)
+                if isinstance(stream, BulkStream):
+                    await stream.write_parts((send.head, send.payload))
+                else:
+                    await stream.write(send.head)
+                    if send.payload:
+                        await stream.write(send.payload)
+                box.bytes_queued -= send.nbytes
+                self.bytes_sent += send.nbytes
                 if not box.bytes_queued:
                     box.written.set()
         except (Exception, trio.TooSlowError) as exc:
@@ -378,34 +394,29 @@ class CollectivesDriver:
 
     async def _on_stream(self, stream: INetStream | BulkStream) -> None:
         peer = str(stream.muxed_conn.peer_id)
-        decoder = FrameDecoder(max_header=DEFAULT_MAX_HEADER, max_payload=self._frame_limit())
+        decoder = FrameDecoder(
+            max_header=DEFAULT_MAX_HEADER,
+            max_payload=self._frame_limit(),
+            allocate=self._buffers.take,
+        )
         why = "stream ended"
         try:
             while True:
                 decoder.max_payload = self._frame_limit()
                 frame = decoder.next_frame()
                 if frame is None:
-                    try:
-                        data = await stream.read(max(READ_SIZE, decoder.wanted()))
-                    except EOFError:
-                        data = b""
-                    if not data:
+                    if not await self._read_some(stream, decoder):
                         decoder.feed_eof()
                         break
-                    self.bytes_received += len(data)
-                    self._last_byte = trio.current_time()
-                    decoder.feed(data)
                     continue
-                # the machines parse the whole frame; rebuild it (one copy of the payload)
-                raw = encode_header(frame.header, len(frame.payload)) + frame.payload
                 tag = frame.header.get("o")
                 running = self._running.get(tag) if isinstance(tag, str) else None
                 if running is not None:
                     running.last_message = trio.current_time()
                 # big payloads and messages that may reduce or assemble chunks go to a thread
-                heavy = len(raw) >= self.config.thread_threshold or frame.type in _HEAVY
+                heavy = len(frame.payload) >= self.config.thread_threshold or frame.type in _HEAVY
                 await self._event(
-                    lambda raw=raw: self.mux.receive(peer, raw),  # type: ignore[misc]
+                    lambda f=frame: self.mux.receive_frame(peer, f.header, f.payload),  # type: ignore[misc]
                     thread=heavy,
                 )
         except FrameTooLarge as exc:
@@ -423,6 +434,27 @@ class CollectivesDriver:
                 except Exception:
                     log.debug("resetting the stream from %s failed", peer, exc_info=True)
         await self._peer_failed(peer, why)
+
+    async def _read_some(self, stream: INetStream | BulkStream, decoder: FrameDecoder) -> bool:
+        """Read what the frame in progress needs: a bulk stream decrypts a payload straight
+        into the decoder's buffer; other reads are fed to it. False at the end of stream."""
+        space = decoder.payload_space()
+        if space is not None and isinstance(stream, BulkStream):
+            count = await stream.read_into(space)
+            if count:
+                decoder.filled(count)
+        else:
+            try:
+                data = await stream.read(max(READ_SIZE, decoder.wanted()))
+            except EOFError:
+                data = b""
+            count = len(data)
+            if count:
+                decoder.feed(data)
+        if count:
+            self.bytes_received += count
+            self._last_byte = trio.current_time()
+        return count > 0
 
 
 class _DisconnectNotifee(ConnectionNotifee):

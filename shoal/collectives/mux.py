@@ -10,12 +10,14 @@ driver (the in-memory network, a libp2p driver) feeds one object per peer.
 from __future__ import annotations
 
 from collections import deque
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from shoal.collectives import wire
 from shoal.collectives.allreduce import AllReduceResult, Send
 from shoal.collectives.errors import CollectiveError, MessageTooLarge, OperationFailed, Rejected
 from shoal.collectives.view import View
+from shoal.transport.framing import encode_header
 
 MAX_EARLY_MESSAGES = 1024
 MAX_EARLY_BYTES = 64 << 20
@@ -33,6 +35,10 @@ class Operation(Protocol):
     def finished(self) -> bool: ...
 
     def receive(self, sender: str, data: bytes | memoryview) -> list[Send]: ...
+
+    def receive_frame(
+        self, sender: str, header: Mapping[str, Any], payload: wire.Payload
+    ) -> list[Send]: ...
 
     def peer_failed(self, peer: str) -> list[Send]: ...
 
@@ -116,6 +122,17 @@ class Collectives:
         self._early.append((tag, sender, bytes(data)))
         self._early_bytes += len(data)
         return []
+
+    def receive_frame(
+        self, sender: str, header: Mapping[str, Any], payload: wire.Payload
+    ) -> list[Send]:
+        """:meth:`receive` of a frame a transport parsed already: an operation running
+        here takes it as it is; an early one is kept as bytes (a copy, as in :meth:`receive`)."""
+        tag = header.get("o")
+        op = self.ops.get(tag) if isinstance(tag, str) else None
+        if op is not None:
+            return op.receive_frame(sender, header, payload)
+        return self.receive(sender, encode_header(header, len(payload)) + bytes(payload))
 
     def forget(self, tag: str) -> None:
         """Drop operation ``tag`` (finished, retained long enough); later messages for it

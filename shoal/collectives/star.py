@@ -13,7 +13,6 @@ value.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 
 from shoal.collectives import codec as chunk_codec
 from shoal.collectives import wire
-from shoal.collectives.allreduce import AllReduceResult, Send, digest, reduce_chunk
+from shoal.collectives.allreduce import AllReduceResult, Receiver, Send, digest, reduce_chunk
 from shoal.collectives.errors import (
     BadContribution,
     CollectiveError,
@@ -34,7 +33,7 @@ from shoal.collectives.errors import (
 from shoal.collectives.view import View
 
 
-class StarAllReduce:
+class StarAllReduce(Receiver):
     """One peer's side of a star all-reduce; same event API as :class:`AllReduce`."""
 
     def __init__(self, view: View, me: str, *, leader: str | None = None) -> None:
@@ -73,12 +72,7 @@ class StarAllReduce:
         self._deliver(self.leader, "SDATA", {"x": header}, payload)
         return self._flush()
 
-    def receive(self, sender: str, data: bytes | memoryview) -> list[Send]:
-        try:
-            msg = wire.decode_for(self.view, sender, data, max_bytes=self.max_message_bytes)
-        except Rejected as exc:
-            self.rejections.append(exc)
-            return []
+    def _accept(self, sender: str, msg: wire.Message) -> list[Send]:
         self._deliver_local(sender, msg)
         return self._flush()
 
@@ -120,7 +114,7 @@ class StarAllReduce:
             )
         else:
             self._out.append(
-                Send(to, wire.encode(kind, self.view.tag, self.view.vh, fields, payload))
+                Send(to, *wire.encode_parts(kind, self.view.tag, self.view.vh, fields, payload))
             )
 
     def _deliver_local(self, sender: str, msg: wire.Message) -> None:
@@ -178,10 +172,4 @@ class StarAllReduce:
         flat = torch.empty(self.numel, dtype=torch.float32)
         chunk_codec.decode_into(flat, msg.payload, self.view.codec, self.view.block)
         tensor = flat.reshape(self.view.shape)
-        self.result = AllReduceResult(
-            self.view.tag,
-            tensor,
-            contributors,
-            hashlib.sha256(tensor.numpy().data).digest(),  # the buffer, no copy
-            (h,),
-        )
+        self.result = AllReduceResult(self.view.tag, tensor, contributors, (h,))

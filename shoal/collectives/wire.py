@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from shoal.collectives.codec import Payload
 from shoal.collectives.errors import MalformedMessage, MessageTooLarge, NotAMember, ViewMismatch
 from shoal.transport.errors import FrameError
 from shoal.transport.framing import PREFIX_SIZE, decode_header, encode_header
@@ -24,13 +25,11 @@ from shoal.transport.framing import PREFIX_SIZE, decode_header, encode_header
 if TYPE_CHECKING:
     from shoal.collectives.view import View
 
-VERSION = 1
+VERSION = 2  # 2: sha256 chunk digests (blake2b before), no crc32 in DATA headers
 MAX_HEADER = 64 * 1024
 _PREFIX = struct.Struct(">I")
 
 Check = Callable[[Any], bool]
-#: a payload as built (bytes, or an int8 chunk written in place) or received (a view)
-Payload = bytes | bytearray | memoryview
 
 
 def _int(v: Any) -> bool:
@@ -117,12 +116,20 @@ class Message:
     payload: Payload = b""
 
 
+def encode_parts(
+    kind: str, tag: str, vh: bytes, fields: Mapping[str, Any], payload: Payload = b""
+) -> tuple[bytes, Payload]:
+    """One frame as (length prefix and header, payload): the payload is not copied, the
+    driver writes the two parts in turn."""
+    header = {"t": kind, "v": VERSION, "o": tag, "vh": vh, **fields}
+    return encode_header(header, len(payload)), payload
+
+
 def encode(
     kind: str, tag: str, vh: bytes, fields: Mapping[str, Any], payload: Payload = b""
 ) -> bytes:
-    """One frame; the payload is copied once, into the frame (it may be a view)."""
-    header = {"t": kind, "v": VERSION, "o": tag, "vh": vh, **fields}
-    return b"".join((encode_header(header, len(payload)), payload))
+    """One frame as one bytes object (the payload copied into it)."""
+    return b"".join(encode_parts(kind, tag, vh, fields, payload))
 
 
 def header_of(
@@ -140,11 +147,16 @@ def header_of(
         header = decode_header(bytes(raw[PREFIX_SIZE : PREFIX_SIZE + hlen]))
     except FrameError as exc:
         raise MalformedMessage(peer, str(exc)) from exc
+    check_envelope(peer, header)
+    return header
+
+
+def check_envelope(peer: str, header: Mapping[str, Any]) -> None:
+    """The fields every message carries: the protocol version, the tag, the view hash."""
     if header.get("v") != VERSION:
         raise MalformedMessage(peer, f"protocol version {header.get('v')!r}, expected {VERSION}")
     if not _str(header.get("o")) or not _digest(header.get("vh")):
         raise MalformedMessage(peer, "no operation tag or view hash")
-    return header
 
 
 def decode(peer: str, raw: bytes | memoryview, *, max_bytes: int) -> Message:
@@ -152,6 +164,23 @@ def decode(peer: str, raw: bytes | memoryview, *, max_bytes: int) -> Message:
     if len(raw) > max_bytes:
         raise MessageTooLarge(peer, len(raw), max_bytes)
     header = header_of(peer, raw)
+    start = PREFIX_SIZE + _PREFIX.unpack_from(raw)[0]
+    return _message(peer, header, memoryview(raw)[start:])
+
+
+def decode_parsed(
+    peer: str, header: Mapping[str, Any], payload: Payload, *, max_bytes: int
+) -> Message:
+    """:func:`decode` of a frame whose header a transport's ``FrameDecoder`` parsed
+    already (and whose payload it read into its own buffer, sized from the header after
+    checking it against its limit)."""
+    if len(payload) > max_bytes:
+        raise MessageTooLarge(peer, len(payload), max_bytes)
+    check_envelope(peer, header)
+    return _message(peer, header, payload)
+
+
+def _message(peer: str, header: Mapping[str, Any], payload: Payload) -> Message:
     kind = header["t"]
     schema = SCHEMA.get(kind)
     if schema is None:
@@ -162,13 +191,10 @@ def decode(peer: str, raw: bytes | memoryview, *, max_bytes: int) -> Message:
     size = header.get("n", 0)
     if not _int(size) or (size and kind not in PAYLOAD):
         raise MalformedMessage(peer, f"{kind}: bad payload size {size!r}")
-    start = PREFIX_SIZE + _PREFIX.unpack_from(raw)[0]
-    if len(raw) != start + size:
-        raise MalformedMessage(
-            peer, f"{kind}: payload is {len(raw) - start} bytes, header says {size}"
-        )
+    if len(payload) != size:
+        raise MalformedMessage(peer, f"{kind}: payload is {len(payload)} bytes, header says {size}")
     fields = {k: header[k] for k in schema}
-    return Message(kind, header["o"], header["vh"], fields, memoryview(raw)[start:])
+    return Message(kind, header["o"], header["vh"], fields, payload)
 
 
 def max_message_bytes(max_payload: int) -> int:
@@ -179,7 +205,19 @@ def max_message_bytes(max_payload: int) -> int:
 def decode_for(view: View, sender: str, raw: bytes | memoryview, *, max_bytes: int) -> Message:
     """:func:`decode`, then check that ``sender`` is a member of ``view`` and that the
     message belongs to this operation (its tag and view hash); raises ``Rejected``."""
-    msg = decode(sender, raw, max_bytes=max_bytes)
+    return _check_for(view, sender, decode(sender, raw, max_bytes=max_bytes))
+
+
+def frame_for(
+    view: View, sender: str, header: Mapping[str, Any], payload: Payload, *, max_bytes: int
+) -> Message:
+    """:func:`decode_for` of a frame a transport parsed already (:func:`decode_parsed`)."""
+    return _check_for(view, sender, decode_parsed(sender, header, payload, max_bytes=max_bytes))
+
+
+def _check_for(view: View, sender: str, msg: Message) -> Message:
+    """``msg`` from ``sender``, after checking that ``sender`` is a member of ``view`` and
+    that the message belongs to this operation (its tag and view hash)."""
     if sender not in view.peers:
         raise NotAMember(sender, f"not a member of {view.tag!r}")
     if msg.tag != view.tag or msg.vh != view.vh:

@@ -3,16 +3,19 @@
 py-libp2p moves bytes through Noise and yamux in Python: about half of an all-reduce's
 busy time went there (docs/collectives.md, "Where the time goes"). A bulk stream is a
 plain TCP connection between the same two peers, opened on request over their libp2p
-connection and sealed in large ChaCha20-Poly1305 frames, where the cipher and the socket
-do their work in C.
+connection and sealed in large AEAD frames (AES-256-GCM where both peers' CPUs have AES
+instructions, ChaCha20-Poly1305 otherwise), where the cipher and the socket do their work
+in C.
 
 Opening, ``opener`` to ``acceptor``:
 
 1. the opener calls ``/shoal/bulk/1`` over libp2p (an authenticated, encrypted channel,
    behind the swarm's pre-shared key when there is one) naming a protocol the acceptor
-   serves in bulk;
-2. the acceptor answers a port, a single-use 16-byte token and a fresh 32-byte key, and
-   remembers the token for ``TOKEN_TTL`` seconds;
+   serves in bulk, and the ciphers it takes in its order of preference;
+2. the acceptor answers a port, a single-use 16-byte token, a fresh 32-byte key and the
+   cipher (AES-256-GCM only when both prefer it: it is 3x faster than ChaCha20-Poly1305
+   with AES instructions, and several times slower without), and remembers the token for
+   ``TOKEN_TTL`` seconds;
 3. the opener connects to that port at the IP its libp2p connection reaches, and sends
    the token; the acceptor hands the stream to the protocol's handler.
 
@@ -34,13 +37,13 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from libp2p.abc import INetConn, INetwork
 from libp2p.peer.id import ID
 
@@ -60,7 +63,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = ChannelProtocol(name="bulk", max_request=1 << 10, max_response=1 << 10, timeout=10.0)
 FRAME = 1 << 20  # plaintext bytes per sealed frame
-TAG = 16  # Poly1305 tag bytes
+TAG = 16  # the AEAD's tag bytes (GCM and Poly1305 alike)
 TOKEN_TTL = 10.0
 MAX_PENDING = 64  # tokens handed out and not used yet, per node
 MAX_PENDING_PER_PEER = 8
@@ -69,6 +72,36 @@ CONNECT_TIMEOUT = 1.0  # (a hole-punched peer's bulk port has no NAT mapping: th
 _LENGTH = struct.Struct(">I")
 
 BulkHandler = Callable[["BulkStream"], Awaitable[None]]
+AES, CHACHA = "aes-256-gcm", "chacha20-poly1305"
+CIPHERS: dict[str, type[AESGCM] | type[ChaCha20Poly1305]] = {AES: AESGCM, CHACHA: ChaCha20Poly1305}
+
+
+def cpu_has_aes(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has AES instructions (x86 ``aes`` flag, ARMv8 ``aes`` feature), from
+    /proc/cpuinfo; False where that cannot be read (ChaCha20 is the safe choice then)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read(1 << 16)
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip().lower() in ("flags", "features") and "aes" in value.split():
+            return True
+    return False
+
+
+def preferred_ciphers() -> list[str]:
+    return [AES, CHACHA] if cpu_has_aes() else [CHACHA]
+
+
+def choose_cipher(offered: object, mine: list[str]) -> str:
+    """The acceptor's choice: AES-GCM when both sides put it first, else ChaCha20 (also
+    for an opener that offers nothing: it predates the choice)."""
+    if isinstance(offered, list) and offered[:1] == [AES] and mine[:1] == [AES]:
+        return AES
+    return CHACHA
 
 
 class BulkStream:
@@ -82,11 +115,13 @@ class BulkStream:
         peer: ID,
         *,
         opener: bool,
+        cipher: str = CHACHA,
         on_close: Callable[[BulkStream], None] = lambda stream: None,
     ) -> None:
         self.sock = sock
         self.peer = peer
-        self._aead = ChaCha20Poly1305(key)
+        self.cipher = cipher
+        self._aead = CIPHERS[cipher](key)
         self._send_dir, self._recv_dir = (0, 1) if opener else (1, 0)
         self._sent = 0
         self._received = 0
@@ -102,44 +137,77 @@ class BulkStream:
         return bytes([direction, 0, 0, 0]) + counter.to_bytes(8, "big")
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
+        await self.write_parts((data,))
+
+    async def write_parts(self, parts: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Write ``parts`` in turn, each sealed on its own (a frame's header, then its
+        payload: the payload is encrypted from where it lies, and the reader can decrypt
+        it straight into its own buffer, :meth:`read_into`)."""
         async with self._send_lock:
-            for start in range(0, len(view), FRAME):
-                piece = view[start : start + FRAME]
-                out = memoryview(self._wbuf)[: _LENGTH.size + len(piece) + TAG]
-                _LENGTH.pack_into(out, 0, len(piece) + TAG)
-                nonce = self._nonce(self._send_dir, self._sent)
-                self._aead.encrypt_into(nonce, piece, out[: _LENGTH.size], out[_LENGTH.size :])
-                self._sent += 1
-                await self.sock.send_all(out)
+            for part in parts:
+                view = memoryview(part).cast("B")
+                for start in range(0, len(view), FRAME):
+                    piece = view[start : start + FRAME]
+                    out = memoryview(self._wbuf)[: _LENGTH.size + len(piece) + TAG]
+                    _LENGTH.pack_into(out, 0, len(piece) + TAG)
+                    nonce = self._nonce(self._send_dir, self._sent)
+                    self._aead.encrypt_into(nonce, piece, out[: _LENGTH.size], out[_LENGTH.size :])
+                    self._sent += 1
+                    await self.sock.send_all(out)
 
     async def read(self, max_bytes: int = FRAME) -> bytes | bytearray:
         """Up to ``max_bytes`` plaintext bytes; empty at the end of the stream."""
         if not self._pending:
-            self._pending = await self._read_frame()
+            size = await self._next_frame()
+            if size is None:
+                return b""
+            self._pending = bytearray(size)
+            self._open(self._pending)
         if len(self._pending) <= max_bytes:
             out, self._pending = self._pending, b""
             return out
         out, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
         return out
 
-    async def _read_frame(self) -> bytes | bytearray:
+    async def read_into(self, buffer: memoryview) -> int:
+        """Read up to ``len(buffer)`` plaintext bytes into ``buffer``; a frame that fits is
+        decrypted there directly (no copy). 0 at the end of the stream."""
+        if not self._pending:
+            size = await self._next_frame()
+            if size is None:
+                return 0
+            if size <= len(buffer):
+                self._open(buffer[:size])
+                return size
+            self._pending = bytearray(size)
+            self._open(self._pending)
+        count = min(len(buffer), len(self._pending))
+        buffer[:count] = memoryview(self._pending)[:count]
+        self._pending = self._pending[count:]
+        return count
+
+    async def _next_frame(self) -> int | None:
+        """Read the next sealed frame into the read buffer: its plaintext size, None at a
+        clean end of stream."""
         head = memoryview(self._rbuf)[: _LENGTH.size]
         if not await self._fill(head, eof_ok=True):
-            return b""
+            return None
         (size,) = _LENGTH.unpack(head)
         if not TAG < size <= FRAME + TAG:  # checked before anything is allocated
             raise BulkError(f"bulk frame of {size} bytes from {self.peer} (limit {FRAME + TAG})")
-        sealed = memoryview(self._rbuf)[_LENGTH.size : _LENGTH.size + size]
-        await self._fill(sealed, eof_ok=False)
-        plain = bytearray(size - TAG)
+        await self._fill(memoryview(self._rbuf)[_LENGTH.size : _LENGTH.size + size], eof_ok=False)
+        return size - TAG
+
+    def _open(self, out: bytearray | memoryview) -> None:
+        """Authenticate and decrypt the frame in the read buffer into ``out`` (its size)."""
+        head = memoryview(self._rbuf)[: _LENGTH.size]
+        sealed = memoryview(self._rbuf)[_LENGTH.size : _LENGTH.size + len(out) + TAG]
         nonce = self._nonce(self._recv_dir, self._received)
         try:
-            self._aead.decrypt_into(nonce, sealed, head, plain)
+            self._aead.decrypt_into(nonce, sealed, head, out)
         except InvalidTag:
             raise BulkError(f"a bulk frame from {self.peer} failed authentication") from None
         self._received += 1
-        return plain
 
     async def _fill(self, view: memoryview, *, eof_ok: bool) -> bool:
         """Fill ``view`` from the socket; False at a clean end of stream before any byte."""
@@ -171,6 +239,7 @@ class _Pending:
     peer: ID
     protocol: str
     key: bytes
+    cipher: str
     expires: float
 
 
@@ -185,6 +254,8 @@ class Bulk:
         self._streams: dict[ID, set[BulkStream]] = {}
         self._unreachable: set[ID] = set()
         self._unauthenticated = 0
+        #: The ciphers this host takes, in its order of preference.
+        self.ciphers = preferred_ciphers()
         #: Streams opened by this side, per protocol (for tests and status).
         self.opened: dict[str, int] = {}
 
@@ -203,11 +274,14 @@ class Bulk:
         if ip is None:
             raise BulkUnavailable(f"no direct TCP connection to {peer}")
         try:
-            body = {"t": "open", "proto": protocol}
+            body = {"t": "open", "proto": protocol, "ciphers": self.ciphers}
             reply = await self.host.channels.call(peer, PROTOCOL, Message(body))
         except RemoteError as exc:
             raise BulkUnavailable(f"{peer} opened no bulk stream: {exc}") from exc
         port, token, key = (reply.body.get(k) for k in ("port", "token", "key"))
+        cipher = reply.body.get("cipher", CHACHA)
+        if cipher not in CIPHERS:
+            raise BulkUnavailable(f"{peer} answered an unknown cipher {str(cipher)[:40]!r}")
         if not (isinstance(port, int) and 0 < port < 65536):
             raise BulkUnavailable(f"{peer} answered a bad bulk port {port!r}")
         if not (isinstance(token, bytes) and len(token) == 16):
@@ -226,7 +300,7 @@ class Bulk:
             await sock.aclose()
             raise BulkUnavailable(f"{peer}'s bulk port closed on its token: {exc}") from exc
         self.opened[protocol] = self.opened.get(protocol, 0) + 1
-        return self._stream(sock, key, peer, opener=True)
+        return self._stream(sock, key, peer, opener=True, cipher=str(cipher))
 
     def _direct_ip(self, peer: ID) -> str | None:
         for conn in self.host.libp2p.get_network().connections.get(peer, ()):
@@ -237,13 +311,15 @@ class Bulk:
                 return str(remote[0])
         return None
 
-    def _stream(self, sock: trio.SocketStream, key: bytes, peer: ID, *, opener: bool) -> BulkStream:
+    def _stream(
+        self, sock: trio.SocketStream, key: bytes, peer: ID, *, opener: bool, cipher: str
+    ) -> BulkStream:
         """A stream tracked (for :meth:`_close_peer`) until it closes."""
 
         def untrack(stream: BulkStream) -> None:
             self._streams.get(peer, set()).discard(stream)
 
-        stream = BulkStream(sock, key, peer, opener=opener, on_close=untrack)
+        stream = BulkStream(sock, key, peer, opener=opener, cipher=cipher, on_close=untrack)
         self._streams.setdefault(peer, set()).add(stream)
         return stream
 
@@ -267,9 +343,10 @@ class Bulk:
         mine = sum(1 for p in self._pending.values() if p.peer == peer)
         if len(self._pending) >= MAX_PENDING or mine >= MAX_PENDING_PER_PEER:
             raise RpcError("busy", "too many bulk streams being opened; use libp2p")
-        token, key = os.urandom(16), ChaCha20Poly1305.generate_key()
-        self._pending[token] = _Pending(peer, protocol, key, now + TOKEN_TTL)
-        return Message({"port": self.port, "token": token, "key": key})
+        token, key = os.urandom(16), os.urandom(32)
+        cipher = choose_cipher(request.body.get("ciphers"), self.ciphers)
+        self._pending[token] = _Pending(peer, protocol, key, cipher, now + TOKEN_TTL)
+        return Message({"port": self.port, "token": token, "key": key, "cipher": cipher})
 
     async def _on_connection(self, sock: trio.SocketStream) -> None:
         if self._unauthenticated >= MAX_UNAUTHENTICATED:
@@ -300,7 +377,7 @@ class Bulk:
             await sock.aclose()
             return
         handler = self._handlers.get(pending.protocol)
-        stream = self._stream(sock, pending.key, pending.peer, opener=False)
+        stream = self._stream(sock, pending.key, pending.peer, opener=False, cipher=pending.cipher)
         try:
             if handler is not None:
                 await handler(stream)

@@ -14,7 +14,7 @@ limits before a single byte is allocated for it.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,9 +70,13 @@ class FrameDecoder:
         *,
         max_header: int = DEFAULT_MAX_HEADER,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        allocate: Callable[[int], bytearray] = bytearray,
     ) -> None:
+        """``allocate``: where payload buffers come from, called with a size that passed
+        the limit (e.g. :meth:`shoal.transport.buffers.BufferPool.take`)."""
         self.max_header = max_header
         self.max_payload = max_payload
+        self._allocate = allocate
         self._buf = bytearray()
         self._header: dict[str, Any] | None = None
         self._payload: bytearray | None = None
@@ -95,6 +99,18 @@ class FrameDecoder:
             data = data[take:]
         if data:
             self._buf += data
+
+    def payload_space(self) -> memoryview | None:
+        """The unfilled part of the payload in progress, for a transport that reads into
+        it directly (then :meth:`filled`); None while no payload is in progress."""
+        if self._payload is None or self._filled == len(self._payload):
+            return None
+        return memoryview(self._payload)[self._filled :]
+
+    def filled(self, count: int) -> None:
+        """``count`` bytes were written into :meth:`payload_space`."""
+        assert self._payload is not None and self._filled + count <= len(self._payload)
+        self._filled += count
 
     def feed_eof(self) -> None:
         self._eof = True
@@ -121,7 +137,7 @@ class FrameDecoder:
             if size == 0:
                 return Frame(header)
             self._header = header
-            self._payload = bytearray(size)
+            self._payload = self._allocate(size)
             take = min(size, len(self._buf))
             with memoryview(self._buf) as buffered:  # (released before the del below)
                 self._payload[:take] = buffered[:take]

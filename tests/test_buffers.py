@@ -1,0 +1,63 @@
+"""The receive-buffer pool: a buffer is handed out again only once nothing else refers to
+it (a tensor or a memoryview made from it counts); small sizes are not pooled; the pool
+keeps at most ``max_bytes``."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from shoal.transport.buffers import BufferPool
+from shoal.transport.framing import FrameDecoder, encode_frame
+
+MIB = 1 << 20
+
+
+def test_a_buffer_comes_back_once_released_and_never_while_in_use() -> None:
+    pool = BufferPool(min_size=MIB)
+    a = pool.take(2 * MIB)
+    address = id(a)
+    del a
+    b = pool.take(2 * MIB)
+    assert id(b) == address and pool.reused == 1  # released: handed out again
+    held = torch.frombuffer(b, dtype=torch.float32)  # a tensor over it keeps it in use
+    del b
+    c = pool.take(2 * MIB)
+    assert id(c) != address and pool.reused == 1
+    c[:4] = b"\1\2\3\4"
+    assert held[:1].numpy().view(np.uint8).tolist() == [0, 0, 0, 0]  # not the same bytes
+    view = memoryview(c)[10:20]  # a slice of a view keeps it too
+    del c, held
+    d = pool.take(2 * MIB)  # the first buffer is free again, the second is not
+    assert id(d) == address and pool.reused == 2
+    del view
+
+
+def test_small_buffers_are_not_pooled_and_the_pool_is_bounded() -> None:
+    pool = BufferPool(min_size=MIB, max_bytes=3 * MIB)
+    small = pool.take(1000)
+    assert len(small) == 1000 and pool.pooled_bytes == 0
+    kept = [pool.take(MIB) for _ in range(5)]  # all in use: only 3 MiB of them pooled
+    assert all(len(b) == MIB for b in kept) and pool.pooled_bytes == 3 * MIB
+    del kept
+    other = pool.take(2 * MIB)  # a new size pushes out free buffers of the old one
+    assert len(other) == 2 * MIB and pool.pooled_bytes <= 3 * MIB
+
+
+def test_the_frame_decoder_reads_payloads_into_pooled_buffers_in_place() -> None:
+    pool = BufferPool(min_size=1024)
+    decoder = FrameDecoder(max_payload=MIB, allocate=pool.take)
+    payload = bytes(range(256)) * 16  # 4096 bytes
+    frame = encode_frame({"t": "x"}, payload)
+    header_len = len(frame) - len(payload)
+    decoder.feed(frame[: header_len + 100])
+    assert decoder.next_frame() is None
+    space = decoder.payload_space()
+    assert space is not None and len(space) == len(payload) - 100
+    space[:] = payload[100:]  # as a transport's read_into does
+    del space
+    decoder.filled(len(payload) - 100)
+    assert decoder.payload_space() is None
+    got = decoder.next_frame()
+    assert got is not None and bytes(got.payload) == payload and got.header["t"] == "x"
+    assert isinstance(got.payload, bytearray) and pool.pooled_bytes == len(payload)

@@ -1,7 +1,8 @@
 """All-reduce benchmark: shoal's fault-tolerant all-reduce against torch.distributed gloo.
 
     python scripts/bench/allreduce.py [--peers 4] [--mib 64] [--iters 3]
-        [--codecs fp32,int8] [--transports bulk,libp2p] [--profile DIR] [--json PATH]
+        [--codecs fp32,int8] [--transports bulk,libp2p] [--rate RATE] [--profile DIR]
+        [--json PATH]
 
 Starts ``--peers`` processes on 127.0.0.1 for each system (this script with ``--worker``).
 Each process holds ``--mib`` MiB of fp32 and the group all-reduces it:
@@ -19,6 +20,21 @@ the one machine). One warm-up round per system is not counted; the table shows t
 of ``--iters`` rounds and the ratio shoal/gloo. Every process uses one torch thread.
 ``--profile DIR`` runs shoal's rank-0 process (first transport) under ``py-spy record`` (raw folded stacks in
 DIR) and prints where its samples went.
+
+``--rate RATE`` (a tc rate: ``1gbit``, ``100mbit``; root only) puts the processes on a
+shaped link instead of loopback, where bandwidth rather than CPU bounds the time: rank I of
+either system runs in network namespace ``shoal-ar-I`` (10.214.0.(I+2), a veth on the
+bridge ``shoalar0``; scripts/bench/delaylink.py's ``Namespaces``), and every node's link is
+capped to RATE each way by a token bucket, its upload and its download::
+
+    ip netns exec shoal-ar-I tc qdisc add dev eth0 root tbf rate RATE burst B latency 50ms
+    tc qdisc add dev shoalar0pI root tbf rate RATE burst B latency 50ms
+
+B = max(65536, RATE x 1 ms) bytes (1gbit: 125000). shoal listens on
+``/ip4/10.214.0.(I+2)/tcp/0``; gloo meets at ``tcp://10.214.0.2:PORT`` (rank 0's
+namespace) with ``GLOO_SOCKET_IFNAME=eth0``. Before the rounds one TCP transfer of 32 MiB
+from namespace 0 to namespace 1 measures what the link carries (printed, and in the JSON);
+the namespaces are removed at the end, also on failure.
 """
 
 from __future__ import annotations
@@ -40,7 +56,14 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import delaylink
+
 MIB = 1 << 20
+LOOPBACK = "127.0.0.1"
+# the shaped link's namespaces: beside the edge benchmark's (shoal-edge-I, 10.213.0.0/24)
+RATE_NETNS = {"netns_prefix": "shoal-ar-", "bridge": "shoalar0", "subnet": "10.214.0"}
+PROBE_BYTES = 32 * MIB
 
 
 # ---- workers ---------------------------------------------------------------------------
@@ -66,7 +89,10 @@ def gloo_worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank, world_size=args.peers
+        "gloo",
+        init_method=f"tcp://{args.master}:{args.port}",
+        rank=args.rank,
+        world_size=args.peers,
     )
     x = _tensor(args.rank, args.mib * MIB // 4)
     rounds = []
@@ -99,7 +125,7 @@ async def _shoal_main(args: argparse.Namespace) -> None:
     from shoal.transport.host import HostConfig, open_host
 
     root = Path(args.dir)
-    config = HostConfig(key_pair=create_new_key_pair(), listen=("/ip4/127.0.0.1/tcp/0",))
+    config = HostConfig(key_pair=create_new_key_pair(), listen=(f"/ip4/{args.host}/tcp/0",))
     async with (
         open_host(config) as host,
         open_collectives(
@@ -149,9 +175,18 @@ def _free_port() -> int:
 
 
 def _launch(
-    system: str, args: argparse.Namespace, root: Path, transport: str = "", profile: bool = False
+    system: str,
+    args: argparse.Namespace,
+    root: Path,
+    transport: str = "",
+    profile: bool = False,
+    namespaces: delaylink.Namespaces | None = None,
 ) -> list[dict[str, Any]]:
+    """Run the ``--peers`` workers of ``system`` (each in its namespace where
+    ``namespaces``) to their end; their outputs."""
     port = _free_port()
+    master = namespaces.ip(0) if namespaces else LOOPBACK
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="eth0") if namespaces else None
     procs = []
     for rank in range(args.peers):
         command = [
@@ -159,15 +194,24 @@ def _launch(
             "--peers", str(args.peers), "--mib", str(args.mib), "--iters", str(args.iters),
             "--codecs", args.codecs, "--dir", str(root), "--port", str(port),
             "--out", str(root / f"out{rank}.json"), "--transport", transport,
+            "--host", namespaces.ip(rank) if namespaces else LOOPBACK, "--master", master,
         ]  # fmt: skip
         if system == "shoal" and rank == 0 and args.profile and profile:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
             raw = Path(args.profile) / "shoal-rank0.txt"
             command = ["py-spy", "record", "-r", "200", "-f", "raw", "-o", str(raw), "--", *command]
-        procs.append(subprocess.Popen(command))
-    for p in procs:
-        if p.wait(1200) != 0:
-            raise SystemExit(f"a {system} worker failed ({p.returncode})")
+        if namespaces:
+            command = [*namespaces.prefix(rank), *command]
+        procs.append(subprocess.Popen(command, env=env))
+    try:
+        for p in procs:
+            if p.wait(1200) != 0:
+                raise SystemExit(f"a {system} worker failed ({p.returncode})")
+    finally:
+        for p in procs:  # the others of a failed one: not left behind
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
     return [json.loads((root / f"out{r}.json").read_text()) for r in range(args.peers)]
 
 
@@ -218,6 +262,12 @@ def main() -> None:
     parser.add_argument("--codecs", default="fp32,int8")
     parser.add_argument("--transports", default="bulk,libp2p")
     parser.add_argument("--transport", default="bulk")
+    parser.add_argument(
+        "--rate",
+        default=None,
+        help="a tc rate (1gbit, 100mbit): every process in a network namespace of its own, "
+        "its link capped to RATE each way (root only); default: all on 127.0.0.1",
+    )
     parser.add_argument("--profile", default="")
     parser.add_argument("--json", default="")
     parser.add_argument("--worker", choices=["gloo", "shoal"])
@@ -225,6 +275,8 @@ def main() -> None:
     parser.add_argument("--dir", default="")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--out", default="")
+    parser.add_argument("--host", default=LOOPBACK)
+    parser.add_argument("--master", default=LOOPBACK)
     args = parser.parse_args()
     if args.worker == "gloo":
         gloo_worker(args)
@@ -234,20 +286,51 @@ def main() -> None:
         return
 
     transports = args.transports.split(",")
+    namespaces = None
+    link: dict[str, Any] = {"kind": "loopback", "host": LOOPBACK}
+    if args.rate:
+        if os.geteuid() != 0:
+            raise SystemExit("--rate needs root (network namespaces and tc); run without it")
+        try:
+            namespaces = delaylink.Namespaces(args.peers, 0, rate=args.rate, **RATE_NETNS)
+        except ValueError as exc:
+            raise SystemExit(f"--rate: {exc}") from None
+        tbf = " ".join(delaylink.tbf_args(args.rate))
+        link = {
+            "kind": "namespaces",
+            "rate": args.rate,
+            "tc": [" ".join(c) for c in namespaces.tc_commands(0)],
+            "qdisc": tbf,
+        }
     shoal_outs: dict[str, list[dict[str, Any]]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "gloo").mkdir()
-        gloo = _round_times(_launch("gloo", args, Path(tmp) / "gloo"))
-        for i, transport in enumerate(transports):
-            (Path(tmp) / transport).mkdir()
-            shoal_outs[transport] = _launch(
-                "shoal", args, Path(tmp) / transport, transport, profile=i == 0
-            )
+    try:
+        if namespaces:
+            namespaces.up()
+            if args.peers > 1:
+                bits = namespaces.throughput(PROBE_BYTES)
+                link["measured_mbit_s"] = bits / 1e6
+                print(
+                    f"link: {args.rate} each way ({link['qdisc']}); measured "
+                    f"{bits / 1e6:.1f} Mbit/s ({PROBE_BYTES // MIB} MiB over TCP, "
+                    f"{namespaces.names[0]} -> {namespaces.names[1]})",
+                    flush=True,
+                )
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "gloo").mkdir()
+            gloo = _round_times(_launch("gloo", args, Path(tmp) / "gloo", namespaces=namespaces))
+            for i, transport in enumerate(transports):
+                (Path(tmp) / transport).mkdir()
+                shoal_outs[transport] = _launch(
+                    "shoal", args, Path(tmp) / transport, transport, i == 0, namespaces
+                )
+    finally:
+        if namespaces:
+            namespaces.down()
     gloo_s = statistics.median(gloo)
     rows: list[tuple[str, list[float], float, float | None, float | None]] = [
         ("gloo all_reduce (fp32, sum)", gloo, gloo_s, None, None)
     ]
-    report: dict[str, Any] = {"gloo": gloo}
+    report: dict[str, Any] = {"link": link, "mib": args.mib, "peers": args.peers, "gloo": gloo}
     for codec, transport in [(c, t) for c in args.codecs.split(",") for t in transports]:
         outs = [o[codec] for o in shoal_outs[transport]]
         times = _round_times(outs)
@@ -263,8 +346,14 @@ def main() -> None:
             "cpu_s_per_peer": cpu,
         }
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    if namespaces:
+        where = f"link {args.rate} each way (tbf; network namespaces)"
+        if "measured_mbit_s" in link:
+            where += f", measured {link['measured_mbit_s']:.0f} Mbit/s"
+    else:
+        where = "loopback 127.0.0.1"
     print(
-        f"\n{args.peers} processes, {args.mib} MiB fp32 each, {os.cpu_count()} CPUs, "
+        f"\n{args.peers} processes, {args.mib} MiB fp32 each, {where}, {os.cpu_count()} CPUs, "
         f"{platform.python_version()}, torch {torch.__version__}, {stamp}\n"
     )
     print("| system | rounds, s | median, s | x gloo | MiB sent per peer | CPU s per peer |")

@@ -31,6 +31,17 @@ Two ways to delay, picked by :func:`netem_available`:
 
 :func:`echo_rtt` measures what a link really adds: a one-byte echo through a proxy with the
 same delay (netem: from one namespace to another), printed next to the figures.
+
+:class:`Namespaces` can also cap every node's bandwidth (``rate``, e.g. ``1gbit``; the
+all-reduce benchmark's ``--rate``) with a token bucket, in both directions: on the
+namespace's ``eth0`` (what the node sends) and on its veth's bridge side (what it
+receives), :func:`tbf_args`::
+
+    tc qdisc add dev eth0 root tbf rate RATE burst B latency 50ms     # in the namespace
+    tc qdisc add dev BRIDGEpI root tbf rate RATE burst B latency 50ms  # root namespace
+
+with B = max(64 KiB, 1 ms at RATE) bytes. :meth:`Namespaces.throughput` measures what such a
+link carries (one TCP transfer from namespace 0 to namespace 1, timed by the receiver).
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import re
 import socket
 import statistics
 import subprocess
@@ -270,37 +282,114 @@ def netem_available() -> str | None:
         _sh("ip", "netns", "del", probe)
 
 
+_RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
+_RATE_UNITS |= {"bps": 8, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9, "tbps": 8e12}  # tc: bytes
+
+
+def rate_bits(rate: str) -> float:
+    """Bits per second of a tc rate (``100mbit``, ``1gbit``, ``500kbit``; tc's ``bps``
+    units are bytes per second)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*", rate.lower())
+    if not match or match[2] not in {"", *_RATE_UNITS}:
+        raise ValueError(f"not a tc rate: {rate!r} (e.g. 100mbit, 1gbit)")
+    bits = float(match[1]) * _RATE_UNITS.get(match[2], 1)
+    if bits <= 0:
+        raise ValueError(f"the rate must be above 0, got {rate!r}")
+    return bits
+
+
+def tbf_args(rate: str) -> list[str]:
+    """``tc qdisc add dev DEV root`` + these: a token bucket of ``rate``, its burst 1 ms of
+    the rate but at least 64 KiB, packets dropped that would wait over 50 ms."""
+    burst = max(64 * 1024, math.ceil(rate_bits(rate) / 8 * 0.001))
+    return ["tbf", "rate", rate, "burst", str(burst), "latency", "50ms"]
+
+
 class Namespaces:
     """``count`` namespaces ``shoal-edge-I`` with addresses 10.213.0.(I+2), on a bridge
     whose root-namespace address is 10.213.0.1 (the client and the bootstrap node), each
-    node's veth delayed ``delay_ms`` with netem when above 0."""
+    node's veth delayed ``delay_ms`` with netem when above 0, and capped to ``rate`` (a tc
+    rate, e.g. ``1gbit``) each way with tbf when given (see the module's docstring).
+    ``netns_prefix``, ``bridge`` and ``subnet`` name another set, beside the edge
+    benchmark's (the all-reduce benchmark's and the tests' do not tear down each other)."""
 
-    def __init__(self, count: int, delay_ms: float) -> None:
-        self.names = [f"{NETNS_PREFIX}{i}" for i in range(count)]
+    def __init__(
+        self,
+        count: int,
+        delay_ms: float,
+        rate: str | None = None,
+        *,
+        netns_prefix: str = NETNS_PREFIX,
+        bridge: str = BRIDGE,
+        subnet: str = SUBNET,
+    ) -> None:
+        self.names = [f"{netns_prefix}{i}" for i in range(count)]
         self.delay_ms = delay_ms
+        self.rate = rate
+        if rate is not None:
+            rate_bits(rate)  # a bad rate fails here, not halfway through up()
+        self.bridge, self.subnet = bridge, subnet
+        self.bridge_ip = f"{subnet}.1"
 
     def ip(self, index: int) -> str:
-        return f"{SUBNET}.{index + 2}"
+        return f"{self.subnet}.{index + 2}"
+
+    def tc_commands(self, index: int) -> list[list[str]]:
+        """The tc commands that cap node ``index``'s link (none without a rate): its
+        upload on eth0 in its namespace, its download on the bridge side of its veth."""
+        if self.rate is None:
+            return []
+        tbf = tbf_args(self.rate)
+        return [
+            [*self.prefix(index), "tc", "qdisc", "add", "dev", "eth0", "root", *tbf],
+            ["tc", "qdisc", "add", "dev", f"{self.bridge}p{index}", "root", *tbf],
+        ]
 
     def up(self) -> None:
         self.down()
-        self._run("ip", "link", "add", BRIDGE, "type", "bridge")
-        self._run("ip", "addr", "add", f"{BRIDGE_IP}/24", "dev", BRIDGE)
-        self._run("ip", "link", "set", BRIDGE, "up")
+        bridge = self.bridge
+        self._run("ip", "link", "add", bridge, "type", "bridge")
+        self._run("ip", "addr", "add", f"{self.bridge_ip}/24", "dev", bridge)
+        self._run("ip", "link", "set", bridge, "up")
         for i, ns in enumerate(self.names):
             self._run("ip", "netns", "add", ns)
             self._run("ip", "-n", ns, "link", "set", "lo", "up")
-            self._run("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", f"{BRIDGE}p{i}")  # fmt: skip
-            self._run("ip", "link", "set", f"{BRIDGE}p{i}", "master", BRIDGE, "up")
+            self._run("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", f"{bridge}p{i}")  # fmt: skip
+            self._run("ip", "link", "set", f"{bridge}p{i}", "master", bridge, "up")
             self._run("ip", "-n", ns, "addr", "add", f"{self.ip(i)}/24", "dev", "eth0")
             self._run("ip", "-n", ns, "link", "set", "eth0", "up")
             if self.delay_ms > 0:
                 self._run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "netem", "delay", f"{self.delay_ms}ms")  # fmt: skip
+            for command in self.tc_commands(i):
+                self._run(*command)
 
     def down(self) -> None:
         for ns in self.names:
             _sh("ip", "netns", "del", ns)
-        _sh("ip", "link", "del", BRIDGE)
+        _sh("ip", "link", "del", self.bridge)
+
+    def throughput(self, nbytes: int = 32 << 20) -> float:
+        """Bits per second of one TCP transfer of ``nbytes`` from namespace 0 to namespace
+        1, timed by the receiver from the connection's accept to the sender's end."""
+        me = [sys.executable, str(Path(__file__).resolve())]
+        sink = subprocess.Popen([*self.prefix(1), *me, "sink", self.ip(1)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            assert sink.stdout is not None
+            line = sink.stdout.readline()
+            if not line.startswith("ready "):
+                raise RuntimeError(f"the sink in {self.names[1]} did not start: {line!r}")
+            sent = _sh(*self.prefix(0), *me, "send", self.ip(1), line.split()[1], str(nbytes))
+            if sent.returncode != 0:
+                raise RuntimeError(f"the transfer from {self.names[0]} failed: {sent.stderr}")
+            got, seconds = sink.stdout.readline().split()
+            if int(got) != nbytes:
+                raise RuntimeError(f"the sink got {got} bytes of {nbytes}")
+            return nbytes * 8 / float(seconds)
+        finally:
+            sink.kill()
+            sink.wait(10)
+            if sink.stdout is not None:
+                sink.stdout.close()
 
     def rtt(self) -> float:
         """Median seconds of a one-byte echo from namespace 0 to namespace 1."""
@@ -332,6 +421,29 @@ class Namespaces:
             raise RuntimeError(f"{' '.join(args)}: {done.stderr.strip()}")
 
 
+def sink(host: str) -> None:
+    """Accept one connection on a free port of ``host`` (printed: ``ready PORT``), read it
+    to its end, print ``BYTES SECONDS`` (from the accept to the end)."""
+    with socket.create_server((host, 0)) as server:
+        print(f"ready {server.getsockname()[1]}", flush=True)
+        conn, _ = server.accept()
+        start, got = time.perf_counter(), 0
+        with conn:
+            buffer = bytearray(1 << 20)
+            while n := conn.recv_into(buffer):
+                got += n
+        print(got, time.perf_counter() - start, flush=True)
+
+
+def send(host: str, port: int, nbytes: int) -> None:
+    """``nbytes`` zeros to ``host:port``, then close."""
+    block = bytes(1 << 20)
+    with socket.create_connection((host, port), timeout=120) as sock:
+        while nbytes > 0:
+            sock.sendall(block[: min(nbytes, len(block))])
+            nbytes -= len(block)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="delaying TCP proxies (see the docstring)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -351,6 +463,12 @@ def main() -> None:
     rtt = sub.add_parser("rtt", help="median seconds of a one-byte echo round trip")
     rtt.add_argument("host")
     rtt.add_argument("port", type=int)
+    sink_p = sub.add_parser("sink", help="receive one connection on HOST; prints 'ready PORT', then 'BYTES SECONDS'")  # fmt: skip
+    sink_p.add_argument("host")
+    send_p = sub.add_parser("send", help="send NBYTES to HOST:PORT")
+    send_p.add_argument("host")
+    send_p.add_argument("port", type=int)
+    send_p.add_argument("nbytes", type=int)
     args = parser.parse_args()
     if args.command == "probe":
         print(netem_available() or "netem works")
@@ -360,6 +478,12 @@ def main() -> None:
         return
     if args.command == "rtt":
         print(echo_rtt(args.port, host=args.host))
+        return
+    if args.command == "sink":
+        sink(args.host)
+        return
+    if args.command == "send":
+        send(args.host, args.port, args.nbytes)
         return
     routes = [tuple(int(p) for p in r.split(":")) for r in args.routes]
     relays = [(int(r.split(":")[0]), r.split(":")[1]) for r in args.relay]

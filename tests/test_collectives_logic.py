@@ -46,6 +46,25 @@ def test_results_go_into_out_even_the_contribution_itself_as_gloo_in_place() -> 
             AllReduce(view, view.peers[0], out=bad)
 
 
+def test_chunks_held_for_others_go_once_every_live_member_is_done() -> None:
+    view = group(4, (7, 33))
+    xs = contributions(view, seed=5)
+    ops, net, stats = run(view, xs)
+    assert stats.delivered["DONE"] == 4 * 3
+    assert all(op.result is not None and op.held == 0 for op in ops.values())
+    # a FETCH that comes after that is answered NOHAVE (the fetcher tries the next holder)
+    p0, p1 = view.peers[:2]
+    fetch = wire.encode("FETCH", view.tag, view.vh, {"c": 0, "h": ops[p0].result.chunk_digests[0]})  # type: ignore[union-attr]
+    (reply,) = ops[p0].receive(p1, fetch)
+    assert wire.header_of(p0, reply.data)["t"] == "NOHAVE"
+    # a member that never says DONE (dead after its result) holds the others' chunks
+    # only until it is known to have failed
+    silent = view.peers[3]
+    ops, net, _ = run(view, xs, [Fault(silent, 0, "before", kind="DONE")])
+    assert all(ops[p].result is not None for p in view.peers)
+    assert all(ops[p].held == 0 for p in net.alive)
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 6])
 def test_fp32_result_is_the_exact_reference_on_every_peer(n: int) -> None:
     view = group(n, (7, 33))

@@ -23,7 +23,9 @@ design/allreduce-protocol.md (docs/collectives.md lists the simplifications):
   ``CHOSEN`` once a majority of the view's members stored it (single-decree Paxos, with
   takeover by ``RECOVER``/``RSTATE`` at a higher epoch when the coordinator fails);
 * all-gather: members fetch every chunk they lack from owner, backup, then anyone, and
-  verify it against the chosen digest; they complete only with ``CHOSEN`` and every chunk.
+  verify it against the chosen digest; they complete only with ``CHOSEN`` and every chunk,
+  and then say ``DONE``: a peer drops the chunks it holds for others once every member it
+  does not suspect is done.
 """
 
 from __future__ import annotations
@@ -232,6 +234,7 @@ class AllReduce(Receiver):
         self._store: dict[tuple[int, bytes], wire.Payload] = {}
         self._awaiting_ack: dict[int, tuple[bytes, str]] = {}
         self._acked: set[tuple[int, bytes, str]] = set()
+        self._done: set[str] = set()  # members that hold the result (DONE)
         # acceptor and learner
         self._accepted: tuple[int, Decision] | None = None
         self.chosen: Decision | None = None
@@ -246,6 +249,11 @@ class AllReduce(Receiver):
     @property
     def finished(self) -> bool:
         return self.result is not None or self.error is not None
+
+    @property
+    def held(self) -> int:
+        """Chunks this peer holds to serve FETCH (0 once every live member is DONE)."""
+        return len(self._store)
 
     def contribute(self, tensor: torch.Tensor, *, checked: bool = False) -> list[Send]:
         """The local contribution is ready. Raises :class:`BadContribution` (and changes
@@ -579,6 +587,18 @@ class AllReduce(Receiver):
         self.result = AllReduceResult(
             view.tag, tensor.reshape(view.shape), d.contributors, d.digests
         )
+        self._broadcast("DONE", {})
+
+    def _on_done(self, sender: str, msg: wire.Message) -> None:
+        self._done.add(sender)
+        self._release()
+
+    def _release(self) -> None:
+        """Once every member not suspected holds the result, nobody will FETCH again: the
+        chunks held for them go (their buffers return to the driver's pool), long before
+        the driver forgets the operation (``retain``). A late FETCH gets NOHAVE."""
+        if self.result is not None and set(self.view.peers) - self._suspected <= self._done:
+            self._store.clear()
 
     # ------------------------------------------------------------------ failures
 
@@ -587,6 +607,7 @@ class AllReduce(Receiver):
             return
         self._suspected.add(peer)
         if self.chosen is not None:
+            self._release()
             if peer == self._coordinator():
                 # others may be waiting for CHOSEN from it: the value is a fact, relay it
                 self._broadcast("CHOSEN", {"e": self._promised, "val": self.chosen.to_wire()})

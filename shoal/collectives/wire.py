@@ -25,7 +25,7 @@ from shoal.transport.framing import PREFIX_SIZE, decode_header, encode_header
 if TYPE_CHECKING:
     from shoal.collectives.view import View
 
-VERSION = 2  # 2: sha256 chunk digests (blake2b before), no crc32 in DATA headers
+VERSION = 2  # 2: sha256 chunk digests (blake2b before), no crc32 in DATA headers, DONE
 MAX_HEADER = 64 * 1024
 _PREFIX = struct.Struct(">I")
 
@@ -81,6 +81,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
     "FETCH": {"c": _int, "h": _digest},
     "CHUNK": {"c": _int, "h": _digest},
     "NOHAVE": {"c": _int, "h": _digest},
+    "DONE": {},
     # all-reduce, control plane
     "SUSPECT": {"p": _str, "k": _str},
     "AMEND": {"e": _int, "m": _int, "s": _peers},

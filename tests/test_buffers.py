@@ -4,6 +4,8 @@ keeps at most ``max_bytes``."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -61,3 +63,17 @@ def test_the_frame_decoder_reads_payloads_into_pooled_buffers_in_place() -> None
     got = decoder.next_frame()
     assert got is not None and bytes(got.payload) == payload and got.header["t"] == "x"
     assert isinstance(got.payload, bytearray) and pool.pooled_bytes == len(payload)
+
+
+def test_free_buffers_idle_too_long_are_trimmed_and_busy_ones_kept() -> None:
+    pool = BufferPool(min_size=MIB, max_idle=30.0)
+    busy = pool.take(MIB)
+    idle = pool.take(2 * MIB)
+    del idle
+    assert pool.pooled_bytes == 3 * MIB
+    pool.trim(now=time.monotonic() + 10)  # not idle for long enough yet
+    assert pool.pooled_bytes == 3 * MIB
+    pool.trim(now=time.monotonic() + 31)  # the free one goes, the one in use stays
+    assert pool.pooled_bytes == MIB
+    assert pool.take(MIB) is not busy  # still in use: never handed out twice
+    del busy

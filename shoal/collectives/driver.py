@@ -178,7 +178,9 @@ class CollectivesDriver:
                 self.host.libp2p.set_stream_handler(PROTOCOL, self._on_stream)
                 network.register_notifee(notifee)
                 task_status.started()
-                await trio.sleep_forever()
+                while True:  # receive buffers idle for a while go back to the OS
+                    await trio.sleep(5.0)
+                    self._buffers.trim()
         finally:
             self._nursery = None
             if self._bulk is not None:

@@ -8,16 +8,21 @@ keeps the buffers it handed out and hands one out again when its only remaining 
 is the pool's own: a tensor made from a buffer (``torch.frombuffer``,
 ``numpy.frombuffer``) or any memoryview of it holds a reference to it, so a buffer in use
 is never handed out twice. Buffers below ``min_size`` are not pooled (malloc serves them
-from memory it has touched already).
+from memory it has touched already). A free buffer not handed out for ``max_idle``
+seconds is dropped by :meth:`BufferPool.trim` (the collectives driver calls it every few
+seconds), so a node between training rounds minutes apart does not sit on them.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 MIN_SIZE = 1 << 20
 MAX_BYTES = 512 << 20
+MAX_IDLE = 30.0
 # references to a pooled buffer that is free: the pool's list, and getrefcount's argument
 _FREE_REFS = 2
 
@@ -26,10 +31,14 @@ class BufferPool:
     """Buffers of at least ``min_size`` bytes, reused; ``max_bytes`` bounds what the pool
     keeps (free buffers of the least recently asked sizes are dropped first)."""
 
-    def __init__(self, *, min_size: int = MIN_SIZE, max_bytes: int = MAX_BYTES) -> None:
+    def __init__(
+        self, *, min_size: int = MIN_SIZE, max_bytes: int = MAX_BYTES, max_idle: float = MAX_IDLE
+    ) -> None:
         self.min_size = min_size
         self.max_bytes = max_bytes
+        self.max_idle = max_idle
         self._by_size: OrderedDict[int, list[bytearray]] = OrderedDict()
+        self._handed: dict[int, float] = {}  # id(buffer) -> when it was last handed out
         self.pooled_bytes = 0
         self.reused = 0  # buffers handed out again (for tests and status)
 
@@ -42,26 +51,43 @@ class BufferPool:
         for i in range(len(buffers)):
             if sys.getrefcount(buffers[i]) == _FREE_REFS:
                 self.reused += 1
+                self._handed[id(buffers[i])] = time.monotonic()
                 return buffers[i]
         buffer = bytearray(size)
         self._make_room(size)
         if self.pooled_bytes + size <= self.max_bytes:
             self._by_size.setdefault(size, []).append(buffer)
+            self._handed[id(buffer)] = time.monotonic()
             self.pooled_bytes += size
         return buffer
+
+    def trim(self, now: float | None = None) -> None:
+        """Drop the free buffers not handed out for ``max_idle`` seconds."""
+        now = time.monotonic() if now is None else now
+        self._drop(lambda b: now - self._handed.get(id(b), now) >= self.max_idle)
 
     def _make_room(self, size: int) -> None:
         """Drop free buffers, least recently asked sizes first, until ``size`` fits."""
         for other in list(self._by_size):
             if self.pooled_bytes + size <= self.max_bytes:
                 return
-            buffers = self._by_size[other]
-            kept = [b for b in buffers if sys.getrefcount(b) > _FREE_REFS + 1]
-            self.pooled_bytes -= sum(len(b) for b in buffers) - sum(len(b) for b in kept)
+            self._drop(lambda b: True, sizes=[other])
+
+    def _drop(self, drop: Callable[[bytearray], bool], sizes: list[int] | None = None) -> None:
+        """Drop the free buffers (of ``sizes``, or all) that ``drop`` names."""
+        for size in list(self._by_size) if sizes is None else sizes:
+            kept = []
+            for b in self._by_size[size]:
+                # references to a free one: the list, this loop's name, getrefcount's argument
+                if sys.getrefcount(b) > _FREE_REFS + 1 or not drop(b):
+                    kept.append(b)
+                else:
+                    self._handed.pop(id(b), None)
+                    self.pooled_bytes -= size
             if kept:
-                self._by_size[other] = kept
+                self._by_size[size] = kept
             else:
-                del self._by_size[other]
+                del self._by_size[size]
 
 
 __all__ = ["BufferPool"]

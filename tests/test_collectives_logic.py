@@ -57,6 +57,12 @@ def test_chunks_held_for_others_go_once_every_live_member_is_done() -> None:
     fetch = wire.encode("FETCH", view.tag, view.vh, {"c": 0, "h": ops[p0].result.chunk_digests[0]})  # type: ignore[union-attr]
     (reply,) = ops[p0].receive(p1, fetch)
     assert wire.header_of(p0, reply.data)["t"] == "NOHAVE"
+    # the owner of chunk 0 dies when first asked for it: the others fetch it from the
+    # backup, which must still hold it (nobody says DONE before it holds the result)
+    owner = view.owner(0, view.peers)
+    ops, net, stats = run(view, xs, [Fault(owner, 0, "before", kind="CHUNK")])  # type: ignore[arg-type]
+    assert owner not in net.alive and stats.delivered["NOHAVE"] == 0
+    assert all(ops[p].result is not None and ops[p].held == 0 for p in net.alive)
     # a member that never says DONE (dead after its result) holds the others' chunks
     # only until it is known to have failed
     silent = view.peers[3]

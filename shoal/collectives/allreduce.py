@@ -194,8 +194,10 @@ class AllReduce(Receiver):
 
     def __init__(self, view: View, me: str, *, out: torch.Tensor | None = None) -> None:
         """``out``: where the result goes (a contiguous fp32 CPU tensor of the view's
-        shape, e.g. the contribution itself, as gloo's in-place all-reduce; it is written
-        only once the result is complete); a new tensor without it."""
+        shape, e.g. the contribution itself, as gloo's in-place all-reduce); a new tensor
+        without it. It is written from the commit on, chunk by chunk as they arrive (the
+        contribution is not needed any more then): an operation that fails after its
+        commit may leave part of the result in it."""
         if me not in view.peers:
             raise CollectiveError(f"{me} is not a member of {view.tag!r}")
         if out is not None and (
@@ -209,6 +211,8 @@ class AllReduce(Receiver):
                 f"not {out.dtype} {tuple(out.shape)} on {out.device}"
             )
         self._into = out
+        self._flat: torch.Tensor | None = None  # the result, decoded chunk by chunk
+        self._decoded: set[int] = set()
         self.view = view
         self.me = me
         self.result: AllReduceResult | None = None
@@ -572,20 +576,27 @@ class AllReduce(Receiver):
         return queue[0] if queue else None
 
     def _maybe_complete(self) -> None:
+        """Decode every chosen chunk held and not decoded yet into the result (chunk by
+        chunk as they arrive, so the last one to arrive is the only one left to decode);
+        complete when all are."""
         d = self.chosen
         if d is None or self.finished:
             return
-        payloads = [self._store.get((c, h)) for c, h in enumerate(d.digests)]
-        if any(p is None for p in payloads):
-            return
         view = self.view
-        tensor = self._into.view(-1) if self._into is not None else torch.empty(view.numel)
-        for c, payload in enumerate(payloads):
-            assert payload is not None
-            lo, hi = view.chunk(c)
-            chunk_codec.decode_into(tensor[lo:hi], payload, view.codec, view.block)
+        if self._flat is None:
+            self._flat = self._into.view(-1) if self._into is not None else torch.empty(view.numel)
+        missing = False
+        for c, h in enumerate(d.digests):
+            payload = self._store.get((c, h)) if c not in self._decoded else None
+            if payload is not None:
+                lo, hi = view.chunk(c)
+                chunk_codec.decode_into(self._flat[lo:hi], payload, view.codec, view.block)
+                self._decoded.add(c)
+            missing |= c not in self._decoded
+        if missing:
+            return
         self.result = AllReduceResult(
-            view.tag, tensor.reshape(view.shape), d.contributors, d.digests
+            view.tag, self._flat.reshape(view.shape), d.contributors, d.digests
         )
         self._broadcast("DONE", {})
 

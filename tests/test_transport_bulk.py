@@ -119,6 +119,18 @@ async def test_the_cipher_is_aes_only_when_both_prefer_it(
         await stream.close()
 
 
+async def test_a_stream_of_small_messages_holds_small_buffers() -> None:
+    async with pair() as (_, bulk_a, b, _, receiver):
+        stream = await bulk_a.open(b.peer_id, ECHO)
+        await stream.write(b"x" * 100)
+        await stream.sock.send_eof()
+        with trio.fail_after(10):
+            assert await stream.read() == hashlib.sha256(b"x" * 100).digest()
+        assert len(stream._wbuf) == 128 and len(stream._rbuf) == 64  # 4 + n + 16, rounded up
+        assert receiver.received == [b"x" * 100]
+        await stream.close()
+
+
 async def test_cipher_choice_and_cpu_detection() -> None:
     assert choose_cipher([AES, CHACHA], [AES, CHACHA]) == AES
     assert choose_cipher(None, [AES, CHACHA]) == CHACHA  # an opener that predates the choice

@@ -128,9 +128,10 @@ class BulkStream:
         self._pending: bytes | bytearray = b""
         self._send_lock = trio.Lock()
         self.muxed_conn = _PeerOf(peer)  # what users of a libp2p stream read of it
-        # one sealed frame each way, reused: length prefix, ciphertext, tag
-        self._wbuf = bytearray(_LENGTH.size + FRAME + TAG)
-        self._rbuf = bytearray(_LENGTH.size + FRAME + TAG)
+        # one sealed frame each way, reused (length prefix, ciphertext, tag), grown to the
+        # largest frame seen: a stream of small messages does not hold 2 MiB
+        self._wbuf = bytearray()
+        self._rbuf = bytearray()
         self._on_close = on_close
 
     def _nonce(self, direction: int, counter: int) -> bytes:
@@ -148,6 +149,7 @@ class BulkStream:
                 view = memoryview(part).cast("B")
                 for start in range(0, len(view), FRAME):
                     piece = view[start : start + FRAME]
+                    self._wbuf = _grow(self._wbuf, _LENGTH.size + len(piece) + TAG)
                     out = memoryview(self._wbuf)[: _LENGTH.size + len(piece) + TAG]
                     _LENGTH.pack_into(out, 0, len(piece) + TAG)
                     nonce = self._nonce(self._send_dir, self._sent)
@@ -190,12 +192,14 @@ class BulkStream:
     async def _next_frame(self) -> int | None:
         """Read the next sealed frame into the read buffer: its plaintext size, None at a
         clean end of stream."""
+        self._rbuf = _grow(self._rbuf, _LENGTH.size)
         head = memoryview(self._rbuf)[: _LENGTH.size]
         if not await self._fill(head, eof_ok=True):
             return None
         (size,) = _LENGTH.unpack(head)
         if not TAG < size <= FRAME + TAG:  # checked before anything is allocated
             raise BulkError(f"bulk frame of {size} bytes from {self.peer} (limit {FRAME + TAG})")
+        self._rbuf = _grow(self._rbuf, _LENGTH.size + size)
         await self._fill(memoryview(self._rbuf)[_LENGTH.size : _LENGTH.size + size], eof_ok=False)
         await trio.lowlevel.checkpoint()  # (the reads above may not have yielded)
         return size - TAG
@@ -256,6 +260,16 @@ class BulkStream:
 
     async def reset(self) -> None:
         await self.close()
+
+
+def _grow(buffer: bytearray, size: int) -> bytearray:
+    """``buffer``, or a copy of it grown to the next power of two (at most one sealed
+    frame) when it holds fewer than ``size`` bytes."""
+    if len(buffer) >= size:
+        return buffer
+    grown = bytearray(min(1 << (size - 1).bit_length(), _LENGTH.size + FRAME + TAG))
+    grown[: len(buffer)] = buffer
+    return grown
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,10 @@ Measured, same message sizes on both:
   also over one already-open libp2p stream in 1 MiB writes, without RPC framing;
 - 1 KiB request / 1 KiB reply round trips: one shoal RPC call per round trip (a new stream
   each, as shoal RPC works), an echo on one already-open libp2p stream (per-message cost
-  without stream setup), and raw TCP.
+  without stream setup), and raw TCP;
+- both again on one bulk stream (shoal/transport/bulk.py: TCP sealed with an AEAD beside
+  the libp2p connection, what the all-reduce and the tensor-parallel group use): ``--call-mib``
+  writes (``write_parts``, read with ``read_into`` into a buffer of that size) and echoes.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
+from shoal.transport.bulk import BulkStream
 from shoal.transport.host import Host, HostConfig, open_host
 from shoal.transport.rpc import READ_CHUNK, WRITE_CHUNK, Message, Protocol
 
@@ -49,6 +53,8 @@ BULK = Protocol(name="bench-bulk", max_request=256 * MIB, timeout=300)
 ECHO = Protocol(name="bench-echo", max_request=MSG, max_response=MSG)
 STREAM_SINK = TProtocol("/shoal-bench/sink/1")
 STREAM_ECHO = TProtocol("/shoal-bench/echo/1")
+BULK_SINK = "/shoal-bench/bulk-sink/1"
+BULK_ECHO = "/shoal-bench/bulk-echo/1"
 
 # Raw TCP: request = u32 request length | u32 reply length | request; reply = u32 length | reply.
 _REQUEST = struct.Struct(">II")
@@ -85,6 +91,36 @@ async def stream_echo(stream: INetStream) -> None:
     await stream.close()
 
 
+async def bulk_sink(stream: BulkStream) -> None:
+    head = memoryview(bytearray(_COUNT.size))
+    await bulk_exactly(stream, head)
+    (total,) = _COUNT.unpack(head)
+    into = memoryview(bytearray(16 * MIB))
+    got = 0
+    while got < total:
+        got += await stream.read_into(into[: min(len(into), total - got)])
+    await stream.write(_COUNT.pack(got))
+
+
+async def bulk_echo(stream: BulkStream) -> None:
+    into = memoryview(bytearray(MSG))
+    try:
+        while True:
+            await bulk_exactly(stream, into)
+            await stream.write(into)
+    except EOFError:  # the client closing the stream ends the loop
+        pass
+
+
+async def bulk_exactly(stream: BulkStream, into: memoryview) -> None:
+    filled = 0
+    while filled < len(into):
+        count = await stream.read_into(into[filled:])
+        if not count:
+            raise EOFError(f"bulk stream ended after {filled} of {len(into)} bytes")
+        filled += count
+
+
 async def raw_serve(stream: trio.SocketStream) -> None:
     reader = RawReader(stream)
     try:
@@ -104,6 +140,9 @@ async def serve() -> None:
         host.rpc.serve(ECHO, rpc_echo)
         host.libp2p.set_stream_handler(STREAM_SINK, stream_sink)
         host.libp2p.set_stream_handler(STREAM_ECHO, stream_echo)
+        assert host.bulk is not None
+        host.bulk.serve(BULK_SINK, bulk_sink)
+        host.bulk.serve(BULK_ECHO, bulk_echo)
         listeners = await nursery.start(partial(trio.serve_tcp, raw_serve, 0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
         print(json.dumps({"addr": host.listen_addrs()[0], "port": port}), flush=True)
@@ -238,7 +277,35 @@ async def bench_libp2p(
 
     stream_rtt = await time_calls(rtt_count, stream_echo_call)
     await echo.close()
+
+    assert host.bulk is not None
+    bulk_stream = await host.bulk.open(peer, BULK_SINK)
+    view = memoryview(payload)
+
+    async def bulk_write() -> int:
+        await bulk_stream.write_parts((view,))
+        return len(view)
+
+    await bulk_stream.write(_COUNT.pack(bulk))
+    bulk_mbps = await time_bulk(bulk, bulk_write)
+    reply = memoryview(bytearray(_COUNT.size))
+    await bulk_exactly(bulk_stream, reply)
+    assert _COUNT.unpack(reply)[0] == bulk
+    await bulk_stream.close()
+
+    bulk_echo_stream = await host.bulk.open(peer, BULK_ECHO)
+    answer = memoryview(bytearray(MSG))
+
+    async def bulk_echo_call() -> None:
+        await bulk_echo_stream.write(bytes(MSG))
+        await bulk_exactly(bulk_echo_stream, answer)
+
+    bulk_rtt = await time_calls(rtt_count, bulk_echo_call)
+    await bulk_echo_stream.close()
     return {
+        "bulk_stream_MBps": bulk_mbps,
+        "bulk_stream_rtt": asdict(bulk_rtt),
+        "bulk_stream_cipher": bulk_stream.cipher,
         "rpc_bulk_MBps": rpc_mbps,
         "rpc_rtt": asdict(rpc_rtt),
         "stream_bulk_MBps": stream_mbps,
@@ -301,16 +368,18 @@ def table(result: dict[str, Any], args: argparse.Namespace) -> str:
         f"{box['cpu']}, {box['cpus']} CPUs, load average before the run {load}; "
         f"libp2p {box['libp2p']}, trio {box['trio']}, Python {box['python']}",
         "",
-        "| measurement | raw TCP | libp2p stream | shoal RPC | shoal / raw |",
-        "|---|---|---|---|---|",
+        "| measurement | raw TCP | libp2p stream | shoal RPC | shoal / raw | bulk stream |",
+        "|---|---|---|---|---|---|",
         f"| bulk {args.bulk_mib} MiB in {args.call_mib} MiB calls, MB/s "
         f"| {raw['bulk_MBps']:.0f} | {p2p['stream_bulk_MBps']:.0f} "
-        f"| {p2p['rpc_bulk_MBps']:.0f} | {p2p['rpc_bulk_MBps'] / raw['bulk_MBps']:.3f} |",
+        f"| {p2p['rpc_bulk_MBps']:.0f} | {p2p['rpc_bulk_MBps'] / raw['bulk_MBps']:.3f} "
+        f"| {p2p['bulk_stream_MBps']:.0f} ({p2p['bulk_stream_cipher']}) |",
     ]
+    bulk_rtt = p2p["bulk_stream_rtt"]
     for key in ("p50_us", "p99_us", "mean_us"):
         lines.append(
             f"| 1 KiB round trip {key[:-3]}, µs | {raw_rtt[key]:.0f} | {stream_rtt[key]:.0f} "
-            f"| {rpc_rtt[key]:.0f} | {rpc_rtt[key] / raw_rtt[key]:.1f}x |"
+            f"| {rpc_rtt[key]:.0f} | {rpc_rtt[key] / raw_rtt[key]:.1f}x | {bulk_rtt[key]:.0f} |"
         )
     per_stream = rpc_rtt["p50_us"] - stream_rtt["p50_us"]
     lines.append("")

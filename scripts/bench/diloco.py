@@ -1,7 +1,8 @@
 """DiLoCo against all-reducing gradients every step: held-out loss against bytes sent.
 
     nice -n 19 python scripts/bench/diloco.py [--model shoal-tiny|small] [--steps 300]
-        [--inner-steps 50] [--batch 4] [--seq 128] [--threads 1] [--json PATH]
+        [--inner-steps 50] [--batch 4] [--seq 128] [--warmup-steps 0] [--decay-steps N]
+        [--threads 1] [--json PATH] [--per-step-from PATH]
 
 Three peers in one process, each with its own third of the training part of the corpus
 (``shoal.training.data.shard``) and its own seeded batches, train the same model from
@@ -18,9 +19,13 @@ Every average is computed by shoal's sans-io all-reduce (:class:`AllReduce`, fp3
 default) among the three peers on the in-memory network (``shoal.collectives.memnet``),
 which also counts the bytes each peer sends (frame headers, control messages, the
 owner's replica to its backup and the all-gather included); the average used for the
-step is the all-reduce's result, identical on all three peers. The held-out loss (the
-corpus tail) is measured at every round boundary for both: the table is cumulative bytes
-and loss at matching step counts, then the final ratios.
+step is the all-reduce's result, identical on all three peers. Both ways use the
+same inner learning rate at every step: constant, or with ``--warmup-steps`` and
+``--decay-steps`` the schedule of :meth:`DilocoConfig.inner_lr_at` (a linear warm-up,
+then a cosine decay to 10 %), indexed by the run's inner step (per step: step - 1;
+DiLoCo: round x H + i). The held-out loss (the corpus tail) is measured at every round
+boundary for both: the table is cumulative bytes and loss at matching step counts, then
+the final ratios.
 """
 
 from __future__ import annotations
@@ -125,6 +130,8 @@ class Setup:
     seed: int = 0
     eval_windows: int = 32
     eval_every: int = 0  # 0: every round (inner_steps)
+    warmup_steps: int = 0
+    decay_steps: int | None = None  # None: no decay (constant after the warm-up)
 
     def diloco(self) -> DilocoConfig:
         return DilocoConfig(
@@ -132,7 +139,18 @@ class Setup:
             inner_lr=self.inner_lr,
             outer_lr=self.outer_lr,
             outer_momentum=self.outer_momentum,
+            warmup_steps=self.warmup_steps,
+            decay_steps=self.decay_steps,
         )
+
+    def schedule(self) -> str:
+        """The inner learning rate's schedule, in words (for the report's header)."""
+        if not self.warmup_steps and self.decay_steps is None:
+            return "constant"
+        parts = [f"{self.warmup_steps}-step linear warm-up"] if self.warmup_steps else []
+        if self.decay_steps is not None:
+            parts.append(f"cosine decay to 10 % at step {self.decay_steps}")
+        return ", ".join(parts)
 
 
 @dataclass(slots=True)
@@ -192,6 +210,8 @@ def run_per_step(setup: Setup, train: torch.Tensor, held: torch.Tensor) -> Curve
             offset += p.numel()
         if cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        for group in opt.param_groups:  # as DiLoCo's inner step round x H + i
+            group["lr"] = cfg.inner_lr_at(step - 1)
         opt.step()
         if step % every == 0 or step == setup.steps:
             curve.steps.append(step)
@@ -271,11 +291,15 @@ def compare(setup: Setup, *, per_step: Curve | None = None) -> Comparison:
 
 
 def _reuse(path: str, setup: Setup, model: str) -> Curve:
-    """The per-step curve of an earlier ``--json`` report with the same inner setup."""
+    """The per-step curve of an earlier ``--json`` report with the same inner setup
+    (everything but the outer lr and momentum, the learning-rate schedule included; a
+    report from before the schedule existed ran with a constant learning rate)."""
     report = json.loads(Path(path).read_text())
     outer = ("outer_lr", "outer_momentum")
     ours = {k: v for k, v in asdict(setup).items() if k != "model" and k not in outer}
-    theirs = {k: v for k, v in report["setup"].items() if k not in outer}
+    theirs = {"warmup_steps": 0, "decay_steps": None} | {
+        k: v for k, v in report["setup"].items() if k not in outer
+    }
     if report["model"] != model or theirs != ours:
         raise SystemExit(f"{path} was run with another model or inner setup: {theirs}")
     return Curve(**report["per_step"])
@@ -313,6 +337,15 @@ def main() -> None:
     parser.add_argument("--inner-lr", type=float, default=1e-3)
     parser.add_argument("--outer-lr", type=float, default=0.7)
     parser.add_argument("--outer-momentum", type=float, default=0.9)
+    parser.add_argument(
+        "--warmup-steps", type=int, default=0, help="linear warm-up of the inner lr (both ways)"
+    )
+    parser.add_argument(
+        "--decay-steps",
+        type=int,
+        default=None,
+        help="cosine decay of the inner lr to 10 %% at this step (both ways); -1: --steps",
+    )
     parser.add_argument("--codec", choices=["fp32", "fp16", "int8"], default="fp32")
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=0)
@@ -323,6 +356,11 @@ def main() -> None:
         "--per-step-from", default="", help="reuse the per-step run of an earlier --json report"
     )
     args = parser.parse_args()
+    decay = args.steps if args.decay_steps == -1 else args.decay_steps
+    scheduled = args.warmup_steps > 0 or decay is not None
+    if scheduled and args.steps % args.inner_steps:
+        # DilocoPeer indexes the schedule by round x H, which a shorter last round breaks
+        parser.error("a learning-rate schedule needs --steps to be a multiple of --inner-steps")
     torch.set_num_threads(args.threads)
     setup = Setup(
         model=MODELS[args.model],
@@ -337,6 +375,8 @@ def main() -> None:
         seed=args.seed,
         eval_windows=args.eval_windows,
         eval_every=args.eval_every,
+        warmup_steps=args.warmup_steps,
+        decay_steps=decay,
     )
     reused = _reuse(args.per_step_from, setup, args.model) if args.per_step_from else None
     result = compare(setup, per_step=reused)
@@ -344,8 +384,8 @@ def main() -> None:
     print(
         f"\n{args.model} ({result.params:,} parameters), 3 peers, {args.steps} inner steps of "
         f"{args.batch}x{args.seq} bytes per peer, H={args.inner_steps}, inner AdamW lr "
-        f"{args.inner_lr}, outer Nesterov lr {args.outer_lr} momentum {args.outer_momentum}, "
-        f"codec {args.codec}; {os.cpu_count()} CPUs, {args.threads} thread(s), "
+        f"{args.inner_lr} ({setup.schedule()}), outer Nesterov lr {args.outer_lr} momentum "
+        f"{args.outer_momentum}, codec {args.codec}; {os.cpu_count()} CPUs, {args.threads} thread(s), "
         f"Python {platform.python_version()}, torch {torch.__version__}, {stamp}\n"
         f"held-out loss at init {result.initial_loss:.4f} nats/byte "
         f"({args.eval_windows} windows of {args.seq} bytes); per-step {result.per_step.seconds:.0f} s, "

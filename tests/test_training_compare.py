@@ -69,3 +69,15 @@ def test_diloco_h50_is_within_5_percent_of_per_step_with_20x_fewer_bytes(
     one = 3 * 4 * result.params * 4 / 3
     assert one < diloco.bytes[-1] / 10 < one * 1.01
     assert one < per_step.bytes[-1] / 500 < one * 1.01
+
+
+def test_loss_against_bytes_reach_is_diloco_s_first_point_within_5_percent() -> None:
+    """The loss-against-bytes reading: DiLoCo may run longer than per step; the ratios at
+    equal steps and the first DiLoCo point within 5 % of per step's final loss."""
+    per_step = bench.Curve(steps=[50, 100], loss=[2.0, 1.0], bytes=[1000, 2000])
+    diloco = bench.Curve(steps=[50, 100, 150, 200], loss=[2.5, 1.2, 1.04, 0.9], bytes=[2, 4, 6, 8])
+    result = bench.Comparison(bench.Setup(model=bench.SMALL), 1, 5.0, per_step, diloco)
+    assert result.loss_ratio == 1.2 and result.bytes_ratio == 500.0  # at step 100
+    assert result.diloco_reach() == (150, 6)
+    assert result.diloco_reach(tolerance=0.01) == (200, 8)
+    assert result.diloco_reach(tolerance=-0.5) is None

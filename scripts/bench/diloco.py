@@ -2,7 +2,7 @@
 
     nice -n 19 python scripts/bench/diloco.py [--model shoal-tiny|small] [--steps 300]
         [--inner-steps 50] [--batch 4] [--seq 128] [--warmup-steps 0] [--decay-steps N]
-        [--threads 1] [--json PATH] [--per-step-from PATH]
+        [--threads 1] [--json PATH] [--per-step-from PATH] [--diloco-steps N]
 
 Three peers in one process, each with its own third of the training part of the corpus
 (``shoal.training.data.shard``) and its own seeded batches, train the same model from
@@ -25,7 +25,9 @@ same inner learning rate at every step: constant, or with ``--warmup-steps`` and
 then a cosine decay to 10 %), indexed by the run's inner step (per step: step - 1;
 DiLoCo: round x H + i). The held-out loss (the corpus tail) is measured at every round
 boundary for both: the table is cumulative bytes and loss at matching step counts, then
-the final ratios.
+the ratios at per step's last step. ``--diloco-steps N`` runs DiLoCo on to step N (its
+first ``--steps`` steps are the same as without it) and reports where its loss-against-
+bytes curve first comes within 5 % of per step's final loss, and with how many fewer bytes.
 """
 
 from __future__ import annotations
@@ -261,14 +263,30 @@ class Comparison:
     diloco: Curve
 
     @property
+    def _same_step(self) -> int:
+        """Index of DiLoCo's evaluation at per-step's last step (DiLoCo may run longer)."""
+        return self.diloco.steps.index(self.per_step.steps[-1])
+
+    @property
     def loss_ratio(self) -> float:
-        """DiLoCo's final held-out loss over per-step's (1.05 = 5 % worse)."""
-        return self.diloco.loss[-1] / self.per_step.loss[-1]
+        """DiLoCo's held-out loss over per-step's at per-step's last step (1.05 = 5 % worse)."""
+        return self.diloco.loss[self._same_step] / self.per_step.loss[-1]
 
     @property
     def bytes_ratio(self) -> float:
-        """Bytes sent by per-step over bytes sent by DiLoCo, for the whole run."""
-        return self.per_step.bytes[-1] / self.diloco.bytes[-1]
+        """Bytes sent by per-step over bytes sent by DiLoCo, at per-step's last step."""
+        return self.per_step.bytes[-1] / self.diloco.bytes[self._same_step]
+
+    def diloco_reach(self, tolerance: float = 0.05) -> tuple[int, int] | None:
+        """(step, bytes) of DiLoCo's first evaluation within ``tolerance`` of per-step's
+        final loss: the point of the loss-against-bytes curve the issue asks about."""
+        target = (1 + tolerance) * self.per_step.loss[-1]
+        for step, sent, value in zip(
+            self.diloco.steps, self.diloco.bytes, self.diloco.loss, strict=True
+        ):
+            if value <= target:
+                return step, sent
+        return None
 
     def per_step_bytes_to_reach(self, loss: float) -> int | None:
         """Bytes per-step had sent at the first evaluation where its loss was <= ``loss``."""
@@ -278,16 +296,20 @@ class Comparison:
         return None
 
 
-def compare(setup: Setup, *, per_step: Curve | None = None) -> Comparison:
+def compare(
+    setup: Setup, *, per_step: Curve | None = None, diloco_steps: int | None = None
+) -> Comparison:
     """Both runs; ``per_step``: reuse that per-step curve (it does not depend on the outer
-    settings) and run DiLoCo only."""
+    settings) and run DiLoCo only; ``diloco_steps``: run DiLoCo longer than per-step (its
+    first ``setup.steps`` steps are the same either way)."""
     train, held = _corpus()
     model = make_model(setup.model, setup.seed)
     initial = held_out_loss(model, held, seq=setup.seq, max_windows=setup.eval_windows)
     params = flatten(model).numel()
     if per_step is None:
         per_step = run_per_step(setup, train, held)
-    return Comparison(setup, params, initial, per_step, run_diloco(setup, train, held))
+    longer = replace(setup, steps=max(setup.steps, diloco_steps or 0))
+    return Comparison(setup, params, initial, per_step, run_diloco(longer, train, held))
 
 
 def _reuse(path: str, setup: Setup, model: str) -> Curve:
@@ -314,16 +336,16 @@ def table(result: Comparison) -> str:
         "| step | per-step MiB sent | per-step loss | DiLoCo MiB sent | DiLoCo loss | DiLoCo / per-step loss |",
         "|---|---|---|---|---|---|",
     ]
-    d = result.diloco
-    for i, step in enumerate(result.per_step.steps):
+    d, p = result.diloco, result.per_step
+    for step in sorted(set(p.steps) | set(d.steps)):
+        i = p.steps.index(step) if step in p.steps else None
         j = d.steps.index(step) if step in d.steps else None
+        pl = f"{p.loss[i]:.4f}" if i is not None else ""
+        pb = f"{p.bytes[i] / mib:.1f}" if i is not None else ""
         dl = f"{d.loss[j]:.4f}" if j is not None else ""
         db = f"{d.bytes[j] / mib:.1f}" if j is not None else ""
-        ratio = f"{d.loss[j] / result.per_step.loss[i]:.3f}" if j is not None else ""
-        lines.append(
-            f"| {step} | {result.per_step.bytes[i] / mib:.1f} | {result.per_step.loss[i]:.4f} "
-            f"| {db} | {dl} | {ratio} |"
-        )
+        ratio = f"{d.loss[j] / p.loss[i]:.3f}" if i is not None and j is not None else ""
+        lines.append(f"| {step} | {pb} | {pl} | {db} | {dl} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -332,6 +354,13 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="shoal-tiny")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--inner-steps", type=int, default=50)
+    parser.add_argument(
+        "--diloco-steps",
+        type=int,
+        default=0,
+        help="run DiLoCo this many steps (more than --steps): where its loss-against-bytes "
+        "curve comes within 5 %% of per-step's final loss",
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--inner-lr", type=float, default=1e-3)
@@ -379,7 +408,7 @@ def main() -> None:
         decay_steps=decay,
     )
     reused = _reuse(args.per_step_from, setup, args.model) if args.per_step_from else None
-    result = compare(setup, per_step=reused)
+    result = compare(setup, per_step=reused, diloco_steps=args.diloco_steps)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(
         f"\n{args.model} ({result.params:,} parameters), 3 peers, {args.steps} inner steps of "
@@ -392,18 +421,32 @@ def main() -> None:
         f"DiLoCo {result.diloco.seconds:.0f} s\n"
     )
     print(table(result))
-    reach = result.per_step_bytes_to_reach(result.diloco.loss[-1])
+    same = result.diloco.bytes[result._same_step]
+    reach = result.per_step_bytes_to_reach(result.diloco.loss[result._same_step])
     print(
-        f"\nfinal loss DiLoCo / per-step: {result.loss_ratio:.4f} "
+        f"\nat {args.steps} steps, loss DiLoCo / per-step: {result.loss_ratio:.4f} "
         f"({'within' if result.loss_ratio <= 1.05 else 'NOT within'} 5 %); "
         f"bytes per-step / DiLoCo: {result.bytes_ratio:.1f}x "
-        f"({result.diloco.bytes[-1] / (1 << 20):.1f} MiB against "
+        f"({same / (1 << 20):.1f} MiB against "
         f"{result.per_step.bytes[-1] / (1 << 20):.1f} MiB, all peers)"
     )
     if reach is not None:
         print(
-            f"per-step first reached DiLoCo's final loss after {reach / (1 << 20):.1f} MiB "
-            f"({reach / result.diloco.bytes[-1]:.1f}x DiLoCo's bytes)"
+            f"per-step first reached that DiLoCo loss after {reach / (1 << 20):.1f} MiB "
+            f"({reach / same:.1f}x DiLoCo's bytes)"
+        )
+    within = result.diloco_reach()
+    if within is None:
+        print(
+            f"DiLoCo never came within 5 % of per-step's final loss in {result.diloco.steps[-1]} steps"
+        )
+    else:
+        step, sent = within
+        print(
+            f"loss against bytes: DiLoCo first came within 5 % of per-step's final loss "
+            f"({result.per_step.loss[-1]:.4f}) at step {step}, after {sent / (1 << 20):.1f} MiB: "
+            f"{result.per_step.bytes[-1] / sent:.1f}x fewer bytes than per-step's "
+            f"{result.per_step.bytes[-1] / (1 << 20):.1f} MiB"
         )
     if args.json:
         report = {
@@ -415,6 +458,7 @@ def main() -> None:
             "diloco": asdict(result.diloco),
             "loss_ratio": result.loss_ratio,
             "bytes_ratio": result.bytes_ratio,
+            "diloco_reach": result.diloco_reach(),
         }
         Path(args.json).write_text(json.dumps(report, indent=1))
 

@@ -105,6 +105,7 @@ def test_local_training_checkpoints_and_resumes_where_it_stopped(
         (["--local", "--seq", "4096"], 1, "pass a smaller --seq"),
         (["--local", "--outer-momentum", "1"], 2, "--outer-momentum in [0, 1)"),
         (["--local", "--decay"], 2, "--decay needs --rounds"),
+        (["--local", "--quorum", "0"], 2, "--quorum must be >= 1"),
     ],
 )
 def test_bad_options_say_what_to_do(

@@ -183,3 +183,53 @@ async def test_waiting_ready_requests_do_not_wake_each_other_forever() -> None:
             assert notified == 2
             assert set(run._barriers[(2, 0)].reports) == {str(b.peer_id), str(c.peer_id)}
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("quorum", [1, 2])
+async def test_a_peer_left_alone_goes_on_or_waits_for_its_quorum(quorum: int) -> None:
+    """Two peers train round 1 together; then one leaves (its run ends, its host closes).
+    With quorum 1 the other finishes rounds 2 and 3 alone; with quorum 2 it waits, past
+    its READY timeout, and decides nothing on its own."""
+    torch.set_num_threads(1)
+    rounds: dict[int, list[int]] = {0: [], 1: []}
+
+    def collect(i: int) -> Callable[[RunEvent], None]:
+        def on_event(event: RunEvent) -> None:
+            if event.kind == "round" and event.record is not None:
+                rounds[i].append(event.record.round)
+
+        return on_event
+
+    config = RunConfig(
+        run_id=RUN, rounds=3, min_members=2, quorum=quorum, ready_timeout=1.0,
+        part_bytes=64 << 10, linger=0.5,
+    )  # fmt: skip
+    driver_config = DriverConfig(deadline=10.0, timeout=120.0)
+    peers = [make_peer(i, 2, inner_steps=10, seed=11, run_id=RUN) for i in range(2)]
+    async with loopback_host() as host, open_collectives(host, driver_config) as driver:
+        stays = TrainingRun(host, driver, peers[0], config, events=collect(0))
+        stopped = trio.Event()
+
+        async def leave_after_round_1() -> None:
+            async with (
+                loopback_host() as other,
+                open_collectives(other, driver_config) as other_driver,
+            ):
+                leaves = dataclasses.replace(config, rounds=1)
+                run = TrainingRun(other, other_driver, peers[1], leaves, events=collect(1))
+                await other.connect(host.listen_addrs()[0])
+                await run.run([stays.me])
+            stopped.set()  # its run ended and its host closed: the connection is gone
+
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stays.run, ())
+                nursery.start_soon(leave_after_round_1)
+                if quorum == 2:
+                    await stopped.wait()
+                    await trio.sleep(5.0)  # five READY timeouts
+                    nursery.cancel_scope.cancel()
+    assert rounds[1] == [1]
+    assert rounds[0] == ([1, 2, 3] if quorum == 1 else [1])
+    assert stays.peer.state.round == (3 if quorum == 1 else 1)

@@ -617,6 +617,13 @@ def train(
     min_peers: Annotated[
         int, typer.Option(help="a founder's first round waits for this many peers")
     ] = 1,
+    quorum: Annotated[
+        int,
+        typer.Option(
+            help="every round waits for this many peers: a peer cut off from the run waits "
+            "instead of training alone (1: it goes on, and resyncs when it meets the run)"
+        ),
+    ] = 1,
     data_dir: Annotated[
         Path | None, typer.Option(help="identity and checkpoints (default ~/.shoal)")
     ] = None,
@@ -651,6 +658,7 @@ def train(
         outer_momentum=outer_momentum,
         scratch=scratch,
         min_peers=min_peers,
+        quorum=quorum,
     )
     try:
         check_options(options)

@@ -60,6 +60,7 @@ class TrainOptions:
     outer_momentum: float = 0.9
     scratch: bool = False
     min_peers: int = 1
+    quorum: int = 1
     seed: int = 0
 
 
@@ -75,6 +76,8 @@ def check_options(options: TrainOptions) -> None:
         raise NodeError("--rounds must be >= 1 (leave it out to train until Ctrl-C)")
     if options.warmup < 0 or (options.decay and options.rounds is None):
         raise NodeError("--warmup must be >= 0, and --decay needs --rounds (when to reach 10 %)")
+    if options.min_peers < 1 or options.quorum < 1:
+        raise NodeError("--min-peers and --quorum must be >= 1")
     if not (options.outer_lr > 0 and 0 <= options.outer_momentum < 1):
         raise NodeError("--outer-lr must be > 0 and --outer-momentum in [0, 1)")
 
@@ -262,6 +265,7 @@ async def train_swarm(
                     rounds=options.rounds,
                     codec=options.codec,
                     min_members=options.min_peers,
+                    quorum=options.quorum,
                 ),
                 checkpoint=path,
                 publish=publish,

@@ -92,6 +92,10 @@ class RunConfig:
     rounds: stop once the state reaches this round (None: run until cancelled).
     codec: the all-reduce codec of the pseudo-gradients (fp32 exact, int8, fp16).
     min_members: a founder's first round waits until this many members are ready.
+    quorum: every round waits until this many members are ready, past ``ready_timeout``
+        too: a peer cut off from the others waits for them instead of training alone
+        (1, the default: it goes on alone, and resyncs from the majority when it meets
+        the run again).
     ready_timeout: seconds the coordinator waits for expected peers' READY after its own.
     max_attempts: all-reduce attempts per round before this peer resyncs instead.
     part_bytes: the size of the parts the state is served in.
@@ -103,6 +107,7 @@ class RunConfig:
     rounds: int | None = None
     codec: str = "fp32"
     min_members: int = 1
+    quorum: int = 1
     ready_timeout: float = 60.0
     max_attempts: int = 4
     part_bytes: int = DEFAULT_PART_BYTES
@@ -383,7 +388,7 @@ class TrainingRun:
             raise Behind(f"round {r} attempt {attempt} was decided without this peer")
         self._roles[key] = self.me
         barrier = self._barrier(key)
-        barrier.min_members = self._min_members
+        barrier.min_members = max(self._min_members, self.config.quorum)
         barrier.expect(candidates)
         if attempt == 0:
             barrier.expect(self._joiners.get(r, ()))

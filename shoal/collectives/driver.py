@@ -62,7 +62,7 @@ from shoal.collectives.mux import Collectives, Operation
 from shoal.collectives.star import StarAllReduce
 from shoal.collectives.view import View
 from shoal.transport.buffers import BufferPool
-from shoal.transport.bulk import Bulk, BulkStream, BulkUnavailable
+from shoal.transport.bulk import Bulk, BulkStream
 from shoal.transport.errors import FrameError, FrameTooLarge
 from shoal.transport.framing import DEFAULT_MAX_HEADER, FrameDecoder
 from shoal.transport.host import ConnectionNotifee, Host
@@ -98,8 +98,8 @@ class DriverConfig:
         this peer has not started yet are buffered by the mux, within its own limits).
     open_timeout: seconds to open a stream to a peer before it counts as failed.
     bulk: carry frames over bulk streams (:mod:`shoal.transport.bulk`: TCP sealed with
-        ChaCha20-Poly1305 beside the libp2p connection) where the peer is reachable that
-        way; libp2p streams otherwise.
+        AES-256-GCM or ChaCha20-Poly1305 beside the libp2p connection) where the peer is
+        reachable that way; libp2p streams otherwise.
     """
 
     deadline: float = 10.0
@@ -346,15 +346,13 @@ class CollectivesDriver:
     async def _open(self, peer: str) -> INetStream | BulkStream:
         """A bulk stream to ``peer`` where it can be had, else a libp2p stream."""
         peer_id = ID.from_base58(peer)
+        stream: INetStream | BulkStream
         if self._bulk is not None:
-            try:
-                stream: INetStream | BulkStream = await self._bulk.open(peer_id, PROTOCOL)
-                self.opened["bulk"] = self.opened.get("bulk", 0) + 1
-                return stream
-            except BulkUnavailable as exc:
-                log.info("%s: libp2p stream to %s: %s", self.me, peer, exc)
-        stream = await self.host.libp2p.new_stream(peer_id, [PROTOCOL])
-        self.opened["libp2p"] = self.opened.get("libp2p", 0) + 1
+            stream = await self._bulk.open_or_libp2p(peer_id, PROTOCOL)
+        else:
+            stream = await self.host.libp2p.new_stream(peer_id, [PROTOCOL])
+        kind = "bulk" if isinstance(stream, BulkStream) else "libp2p"
+        self.opened[kind] = self.opened.get(kind, 0) + 1
         return stream
 
     async def _write_loop(self, box: _Outbox) -> None:

@@ -19,12 +19,23 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 MIN_SIZE = 1 << 20
 MAX_BYTES = 512 << 20
 MAX_IDLE = 30.0
-# references to a pooled buffer that is free: the pool's list, and getrefcount's argument
+# references to a pooled buffer that is free: its entry's, and getrefcount's argument
 _FREE_REFS = 2
+
+
+@dataclass(slots=True)
+class _Entry:
+    buffer: bytearray
+    handed: float  # when it was last handed out (time.monotonic())
+
+    @property
+    def free(self) -> bool:
+        return sys.getrefcount(self.buffer) == _FREE_REFS
 
 
 class BufferPool:
@@ -37,8 +48,7 @@ class BufferPool:
         self.min_size = min_size
         self.max_bytes = max_bytes
         self.max_idle = max_idle
-        self._by_size: OrderedDict[int, list[bytearray]] = OrderedDict()
-        self._handed: dict[int, float] = {}  # id(buffer) -> when it was last handed out
+        self._by_size: OrderedDict[int, list[_Entry]] = OrderedDict()
         self.pooled_bytes = 0
         self.reused = 0  # buffers handed out again (for tests and status)
 
@@ -46,44 +56,37 @@ class BufferPool:
         """A buffer of exactly ``size`` bytes (its contents are not cleared)."""
         if size < self.min_size:
             return bytearray(size)
-        buffers = self._by_size.setdefault(size, [])
+        entries = self._by_size.setdefault(size, [])
         self._by_size.move_to_end(size)
-        for i in range(len(buffers)):
-            if sys.getrefcount(buffers[i]) == _FREE_REFS:
+        for entry in entries:
+            if entry.free:
                 self.reused += 1
-                self._handed[id(buffers[i])] = time.monotonic()
-                return buffers[i]
+                entry.handed = time.monotonic()
+                return entry.buffer
         buffer = bytearray(size)
         self._make_room(size)
         if self.pooled_bytes + size <= self.max_bytes:
-            self._by_size.setdefault(size, []).append(buffer)
-            self._handed[id(buffer)] = time.monotonic()
+            self._by_size.setdefault(size, []).append(_Entry(buffer, time.monotonic()))
             self.pooled_bytes += size
         return buffer
 
     def trim(self, now: float | None = None) -> None:
         """Drop the free buffers not handed out for ``max_idle`` seconds."""
         now = time.monotonic() if now is None else now
-        self._drop(lambda b: now - self._handed.get(id(b), now) >= self.max_idle)
+        self._drop(lambda entry: now - entry.handed >= self.max_idle)
 
     def _make_room(self, size: int) -> None:
         """Drop free buffers, least recently asked sizes first, until ``size`` fits."""
         for other in list(self._by_size):
             if self.pooled_bytes + size <= self.max_bytes:
                 return
-            self._drop(lambda b: True, sizes=[other])
+            self._drop(lambda entry: True, sizes=[other])
 
-    def _drop(self, drop: Callable[[bytearray], bool], sizes: list[int] | None = None) -> None:
+    def _drop(self, drop: Callable[[_Entry], bool], sizes: list[int] | None = None) -> None:
         """Drop the free buffers (of ``sizes``, or all) that ``drop`` names."""
         for size in list(self._by_size) if sizes is None else sizes:
-            kept = []
-            for b in self._by_size[size]:
-                # references to a free one: the list, this loop's name, getrefcount's argument
-                if sys.getrefcount(b) > _FREE_REFS + 1 or not drop(b):
-                    kept.append(b)
-                else:
-                    self._handed.pop(id(b), None)
-                    self.pooled_bytes -= size
+            kept = [e for e in self._by_size[size] if not (e.free and drop(e))]
+            self.pooled_bytes -= size * (len(self._by_size[size]) - len(kept))
             if kept:
                 self._by_size[size] = kept
             else:

@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING
 import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from libp2p.abc import INetConn, INetwork
+from libp2p.abc import INetConn, INetStream, INetwork
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from shoal.transport.channel import ChannelProtocol
@@ -344,6 +345,15 @@ class Bulk:
             raise BulkUnavailable(f"{peer}'s bulk port closed on its token: {exc}") from exc
         self.opened[protocol] = self.opened.get(protocol, 0) + 1
         return self._stream(sock, key, peer, opener=True, cipher=str(cipher))
+
+    async def open_or_libp2p(self, peer: ID, protocol: str) -> BulkStream | INetStream:
+        """A bulk stream to ``peer`` where it can be had, else a libp2p stream (the
+        fallback every user of bulk streams takes)."""
+        try:
+            return await self.open(peer, protocol)
+        except BulkUnavailable as exc:
+            log.info("%s to %s over libp2p: %s", protocol, peer, exc)
+        return await self.host.libp2p.new_stream(peer, [TProtocol(protocol)])
 
     def _direct_ip(self, peer: ID) -> str | None:
         for conn in self.host.libp2p.get_network().connections.get(peer, ()):

@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from shoal.transport.bulk import Bulk, BulkStream
 
 from shoal.transport.errors import (
-    BulkUnavailable,
     FrameError,
     FrameTooLarge,
     RemoteError,
@@ -327,10 +326,7 @@ class Channels:
 
     async def _open(self, peer: ID, proto: ChannelProtocol) -> INetStream | BulkStream:
         if proto.bulk and self.bulk is not None:
-            try:
-                return await self.bulk.open(peer, proto.id)
-            except BulkUnavailable as exc:
-                log.debug("%s to %s over libp2p: %s", proto.id, peer, exc)
+            return await self.bulk.open_or_libp2p(peer, proto.id)
         return await self.host.new_stream(peer, [proto.id])
 
     async def _close_idle(self) -> None:

@@ -9,12 +9,15 @@ import torch
 from test_collectives_support import contributions, exact_average, group, reference, run, sha
 
 from shoal.collectives.codec import (
-    decode_chunk,
+    SEGMENT,
+    accept_chunk,
     decode_into,
     encode_chunk,
     error_bound,
     payload_nbytes,
+    reduce_encode,
 )
+from shoal.collectives.errors import BadContribution
 from shoal.collectives.memnet import Fault
 from shoal.kernels import codecs
 
@@ -77,13 +80,14 @@ def test_compressed_contributions_are_smaller_on_the_wire() -> None:
 
 
 @pytest.mark.parametrize("codec", ["fp32", "fp16", "int8"])
-@pytest.mark.parametrize("n", [1, 63, 64, 65, 1170])
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 1170, 2 * SEGMENT + 65])
 @pytest.mark.parametrize("block", [1, 7, 64])
 def test_chunk_codec_is_the_kernel_codec_byte_for_byte(codec: str, n: int, block: int) -> None:
-    """encode_chunk (int8 written in place here) gives the kernel's header (less its crc32:
-    the transports authenticate the bytes) and bytes, and decode_into (straight into the
-    result) gives the kernel's decoded values, bit for bit: zero blocks, -0.0, tiny and
-    huge magnitudes, partial last blocks."""
+    """encode_chunk (int8 computed a segment at a time here) gives the kernel's header
+    (less its crc32: the transports authenticate the bytes) and bytes, and decode_into
+    (straight into the result) gives the kernel's decoded values, bit for bit: zero blocks,
+    -0.0, tiny and huge magnitudes, partial last blocks, several segments. accept_chunk
+    decodes fp32 and fp16 the same way and keeps an int8 payload as it is."""
     kind, dtype = {"fp32": ("raw", torch.float32), "fp16": ("raw", torch.float16)}.get(
         codec, ("int8_block", torch.float32)
     )
@@ -102,7 +106,11 @@ def test_chunk_codec_is_the_kernel_codec_byte_for_byte(codec: str, n: int, block
         decode_into(out, bytes(payload), codec, block)
         ref = codecs.decode(ref_header, ref_payload).float()
         assert out.numpy().tobytes() == ref.numpy().tobytes()
-        assert torch.equal(decode_chunk("p", header, payload, codec=codec, n=n, block=block), ref)
+        slot = accept_chunk("p", header, payload, codec=codec, n=n, block=block)
+        if codec == "int8":
+            assert slot is payload
+        else:
+            assert isinstance(slot, torch.Tensor) and torch.equal(slot, ref)
 
 
 def test_an_aligned_writable_fp32_payload_is_used_in_place_and_others_are_copied() -> None:
@@ -110,10 +118,59 @@ def test_an_aligned_writable_fp32_payload_is_used_in_place_and_others_are_copied
     header, payload = encode_chunk(x, "fp32", 64)
     assert isinstance(payload, memoryview)  # a view of x: no copy on the way out either
     received = bytearray(payload)  # what a transport hands over: a buffer of its own
-    values = decode_chunk("p", header, received, codec="fp32", n=1000, block=64)
-    assert torch.equal(values, x)
+    values = accept_chunk("p", header, received, codec="fp32", n=1000, block=64)
+    assert isinstance(values, torch.Tensor) and torch.equal(values, x)
     assert values.data_ptr() == torch.frombuffer(received, dtype=torch.float32).data_ptr()
-    frozen = decode_chunk("p", header, bytes(received), codec="fp32", n=1000, block=64)
+    frozen = accept_chunk("p", header, bytes(received), codec="fp32", n=1000, block=64)
     odd = memoryview(bytearray(b"\0" + received))[1:]  # writable, not 4-byte aligned
-    unaligned = decode_chunk("p", header, odd, codec="fp32", n=1000, block=64)
-    assert torch.equal(frozen, x) and torch.equal(unaligned, x)
+    unaligned = accept_chunk("p", header, odd, codec="fp32", n=1000, block=64)
+    assert isinstance(frozen, torch.Tensor) and torch.equal(frozen, x)
+    assert isinstance(unaligned, torch.Tensor) and torch.equal(unaligned, x)
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize(("n", "block"), [(1170, 64), (2 * SEGMENT + 100, 64), (SEGMENT + 3, 7)])
+def test_reduce_encode_equals_decoding_reducing_and_encoding_whole_chunks(
+    codec: str, n: int, block: int
+) -> None:
+    """The owner's reduction (int8: decoded, summed and encoded again a segment at a
+    time, from the payloads) gives the bytes of the plain recipe: the kernel decodes each
+    contribution, they are summed in order with their weights in fp32, divided by the
+    weights' sum, and the kernel encodes that."""
+    kind, dtype = {"fp32": ("raw", torch.float32), "fp16": ("raw", torch.float16)}.get(
+        codec, ("int8_block", torch.float32)
+    )
+    g = torch.Generator().manual_seed(n + block)
+    weights = [1.0, 0.5, 3.0, 1.0]
+    xs = [torch.randn(n, generator=g) * s for s in (1.0, 1e-3, 50.0, 1.0)]
+    xs[0][: 2 * block] = 0.0
+    encoded = [codecs.encode(x, codec=kind, dtype=dtype, block=block) for x in xs]
+    decoded = [codecs.decode(h, p).float() for h, p in encoded]
+    acc, total = torch.zeros(n), torch.zeros(())
+    for x, w in zip(decoded, weights, strict=True):
+        acc += x if w == 1.0 else x * w
+        total = total + w
+    _, want = codecs.encode(acc / total, codec=kind, dtype=dtype, block=block)
+    slots = [
+        accept_chunk(
+            "p", {k: v for k, v in h.items() if k != "checksum"}, p, codec=codec, n=n, block=block
+        )
+        for h, p in encoded
+    ]
+    got = reduce_encode(list(zip(slots, weights, strict=True)), codec, n, block)
+    assert bytes(got) == bytes(want)
+
+
+@pytest.mark.parametrize("bad_scale", [float("nan"), float("inf"), -float("inf"), 3e38])
+def test_an_int8_contribution_with_a_bad_scale_is_refused(bad_scale: float) -> None:
+    """int8 contributions are checked by their scales only: one NaN, infinite, or so
+    large that a code times it overflows, is refused."""
+    x = torch.randn(640)
+    header, payload = encode_chunk(x, "int8", 64)
+    good = accept_chunk("p", header, payload, codec="int8", n=640, block=64)
+    assert good is payload
+    bad = bytearray(payload)
+    bad[12:16] = torch.tensor([bad_scale]).numpy().tobytes()  # block 3's scale
+    with pytest.raises(BadContribution) as info:
+        accept_chunk("p", header, bad, codec="int8", n=640, block=64)
+    assert info.value.field == "nonfinite" and info.value.peer == "p"

@@ -19,6 +19,7 @@ the same codec, the owner's own too, so the result does not depend on who owned 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,9 +32,13 @@ from shoal.kernels.errors import CodecError
 CODECS = ("fp32", "fp16", "int8")
 DEFAULT_BLOCK = 64
 FP16_MAX = 65504.0
+_INT8_MAX_SCALE = torch.finfo(torch.float32).max / 127
 #: a payload as built (bytes, a view of a tensor, an int8 chunk written in place) or
 #: received (a buffer or a view of one)
 Payload = bytes | bytearray | memoryview
+#: an accepted contribution: fp32 and fp16 ones decoded to fp32, int8 ones as their payload
+#: (decoded a segment at a time when reduced: :func:`reduce_encode`)
+Slot = torch.Tensor | Payload
 _WIRE: dict[str, tuple[str, torch.dtype]] = {
     "fp32": ("raw", torch.float32),
     "fp16": ("raw", torch.float16),
@@ -72,32 +77,115 @@ def encode_chunk(values: torch.Tensor, codec: str, block: int) -> tuple[dict[str
     return header, payload
 
 
+SEGMENT = 1 << 16  # elements per step of the int8 kernels: 256 KiB of fp32, kept in L2
+
+
+def _segments(n: int, block: int) -> Iterator[tuple[int, int, int]]:
+    """``(lo, hi, rows)``: an int8 chunk of ``n`` elements in the steps its kernels take,
+    whole blocks ``SEGMENT`` elements at a time, then the partial last block as one row.
+    Every pass of a step runs over data still in the cache; one pass over the whole chunk
+    per operation, with a temporary as large as the chunk, costs 3-4x as much."""
+    full = n // block * block
+    step = max(block, SEGMENT // block * block)
+    for lo in range(0, full, step):
+        hi = min(lo + step, full)
+        yield lo, hi, (hi - lo) // block
+    if full < n:
+        yield full, n, 1
+
+
+def _int8_parts(payload: Payload, n: int, block: int) -> tuple[torch.Tensor, np.ndarray]:
+    """An int8 payload's scales (a tensor: a copy, n / block floats) and codes (a numpy
+    view of the payload, which may be read-only)."""
+    n_blocks = -(-n // block)
+    scales = torch.from_numpy(np.frombuffer(payload, dtype="<f4", count=n_blocks).copy())
+    return scales, np.frombuffer(payload, dtype=np.int8, offset=4 * n_blocks)
+
+
 def _int8_block(flat: torch.Tensor, block: int) -> bytearray:
-    """``codecs.encode(flat, codec="int8_block")``'s payload, written in place: per block
+    """``codecs.encode(flat, codec="int8_block")``'s payload: per block
     scale = absmax / 127 (fp32), code = round(x / max(scale, tiny)) clamped to ±127, the
     scales then the codes. The same fp32 operations as the kernel, so the same bytes,
-    written straight into the payload: no padding copy, the codes rounded and clamped in
-    place in one scratch buffer."""
+    computed a segment at a time (:func:`_segments`) in one small scratch buffer and
+    written straight into the payload."""
     n = flat.numel()
-    n_blocks = -(-n // block)
-    payload = bytearray(4 * n_blocks + n)
+    out = bytearray(4 * -(-n // block) + n)
+    _int8_encode_into(out, n, block, lambda lo, hi, _: flat[lo:hi])
+    return out
+
+
+def _int8_encode_into(
+    payload: bytearray,
+    n: int,
+    block: int,
+    values_at: Callable[[int, int, torch.Tensor], torch.Tensor],
+) -> None:
+    """Encode into ``payload`` the values ``values_at(lo, hi, scratch)`` gives for each
+    segment (a tensor of hi - lo fp32 elements; it may compute them in ``scratch``, which
+    it may then not keep)."""
     if n == 0:
-        return payload
+        return
+    n_blocks = -(-n // block)
     scales = torch.frombuffer(payload, dtype=torch.float32, count=n_blocks)
     codes = torch.frombuffer(payload, dtype=torch.int8, offset=4 * n_blocks)
-    full = n // block
     tiny = torch.finfo(torch.float32).tiny
-    for lo, hi, rows in ((0, full * block, full), (full * block, n, 1)):
-        if lo == hi:
-            continue
-        values = flat[lo:hi].view(rows, hi - lo if rows == 1 else block)
-        b0 = lo // block
-        s = scales[b0 : b0 + rows]
-        torch.amax(values.abs(), dim=1, out=s)
+    work = torch.empty(2 * min(n, max(block, SEGMENT)), dtype=torch.float32)
+    given, scratch = work.chunk(2)
+    for lo, hi, rows in _segments(n, block):
+        values = values_at(lo, hi, given[: hi - lo]).view(rows, -1)
+        q = scratch[: hi - lo].view(rows, -1)
+        s = scales[lo // block : lo // block + rows]
+        torch.amax(torch.abs(values, out=q), dim=1, out=s)
         s.div_(127)
-        q = torch.div(values, s.clamp(min=tiny)[:, None])
+        torch.div(values, s.clamp(min=tiny)[:, None], out=q)
         codes[lo:hi].view_as(q).copy_(q.round_().clamp_(-127, 127))
-    return payload
+
+
+def _int8_decode_step(
+    out: torch.Tensor, scales: torch.Tensor, codes: np.ndarray, lo: int, hi: int, block: int
+) -> None:
+    """Decode elements ``lo:hi`` of an int8 chunk (whole blocks, or the partial last one)
+    into ``out`` (hi - lo fp32): code * scale, rounded once per element in fp32."""
+    rows = (hi - lo) // block or 1
+    out.numpy()[:] = codes[lo:hi]
+    out.view(rows, -1).mul_(scales[lo // block : lo // block + rows, None])
+
+
+def reduce_encode(parts: Sequence[tuple[Slot, float]], codec: str, n: int, block: int) -> Payload:
+    """The canonical reduction, encoded: sum of w_i * x_i in the order given (sorted peer
+    order), in fp32, divided by the sum of the weights (accumulated in fp32 in the same
+    order). Each product and each sum is rounded on its own (no fused ops), and a weight of
+    1 skips the product, which is exact then. fp32/fp16 parts are decoded tensors; int8
+    parts are payloads (see :func:`accept_chunk`), decoded, summed and encoded again a
+    segment at a time, with the same values as decoding whole chunks first."""
+    total = torch.zeros((), dtype=torch.float32)
+    for _, w in parts:
+        total = total + w
+    if codec != "int8":
+        acc = torch.zeros(n, dtype=torch.float32)
+        scratch: torch.Tensor | None = None
+        for values, w in parts:
+            assert isinstance(values, torch.Tensor)
+            if w == 1.0:
+                acc.add_(values)
+            else:
+                scratch = torch.empty_like(acc) if scratch is None else scratch
+                acc.add_(torch.mul(values, w, out=scratch))
+        return encode_chunk(acc.div_(total), codec, block)[1]
+    decoded = [(*_int8_parts(p, n, block), w) for p, w in parts if not isinstance(p, torch.Tensor)]
+    step = torch.empty(min(n, max(block, SEGMENT)), dtype=torch.float32)
+
+    def reduced(lo: int, hi: int, acc: torch.Tensor) -> torch.Tensor:
+        x = step[: hi - lo]
+        acc.zero_()
+        for scales, codes, w in decoded:
+            _int8_decode_step(x, scales, codes, lo, hi, block)
+            acc.add_(x if w == 1.0 else x.mul_(w))
+        return acc.div_(total)
+
+    out = bytearray(payload_nbytes(codec, n, block))
+    _int8_encode_into(out, n, block, reduced)
+    return out
 
 
 def decode_into(
@@ -118,16 +206,12 @@ def decode_into(
     if codec == "fp16":
         dst[:] = np.frombuffer(payload, dtype="<f2")
         return
-    n_blocks = -(-n // block)
-    dst[:] = np.frombuffer(payload, dtype=np.int8, offset=4 * n_blocks)
-    scales = torch.from_numpy(np.frombuffer(payload, dtype="<f4", count=n_blocks).copy())
-    full = n // block * block
-    out[:full].view(-1, block).mul_(scales[: n // block, None])
-    if full < n:
-        out[full:].mul_(scales[-1])
+    scales, codes = _int8_parts(payload, n, block)
+    for lo, hi, _ in _segments(n, block):
+        _int8_decode_step(out[lo:hi], scales, codes, lo, hi, block)
 
 
-def decode_chunk(
+def accept_chunk(
     peer: str,
     header: Any,
     payload: bytes | bytearray | memoryview,
@@ -135,11 +219,13 @@ def decode_chunk(
     codec: str,
     n: int,
     block: int,
-) -> torch.Tensor:
-    """Validate a contribution's header against what the view expects, then decode it to
-    fp32 (an aligned, writable fp32 payload is used in place, without a copy). Raises
-    :class:`BadContribution` naming the field; allocates only after the header's sizes
-    match the expected ones."""
+) -> Slot:
+    """Validate a contribution's header against what the view expects, and its values:
+    an fp32 or fp16 one is decoded to fp32 (an aligned, writable fp32 payload is used in
+    place, without a copy) and checked for NaN and infinity; an int8 one stays as it
+    came, and only its scales are checked (n / block floats: every code times a finite
+    scale of at most FLOAT_MAX / 127 is finite). Raises :class:`BadContribution` naming
+    the field; allocates only after the header's sizes match the expected ones."""
     kind, dtype = _WIRE[codec]
     if not isinstance(header, dict):
         raise BadContribution(peer, "codec", "tensor header is not a map")
@@ -158,6 +244,10 @@ def decode_chunk(
         codecs.expected_nbytes(header, max_elements=n)
     except CodecError as exc:
         raise BadContribution(peer, exc.field, str(exc)) from exc
+    if codec == "int8":
+        if not _scales_ok(payload, n, block):
+            raise BadContribution(peer, "nonfinite", "a scale is NaN, infinite or too large")
+        return payload
     raw = np.frombuffer(payload, dtype="<f4") if codec == "fp32" else None
     if raw is not None and raw.flags.writeable and raw.flags.aligned:
         values = torch.from_numpy(raw)  # the received buffer itself: no copy
@@ -167,6 +257,28 @@ def decode_chunk(
     if not all_finite(values):
         raise BadContribution(peer, "nonfinite", "NaN or infinity in the contribution")
     return values
+
+
+def _scales_ok(payload: Payload, n: int, block: int) -> bool:
+    """An int8 chunk decodes to finite values: every scale is finite and at most
+    FLOAT_MAX / 127 (a NaN or an infinity among the values gives a NaN or infinite scale)."""
+    scales, _ = _int8_parts(payload, n, block)
+    return n == 0 or (all_finite(scales) and bool(scales.abs().amax() <= _INT8_MAX_SCALE))
+
+
+def encode_contribution(
+    peer: str, flat: torch.Tensor, bounds: Sequence[tuple[int, int]], codec: str, block: int
+) -> list[tuple[dict[str, Any], Payload]]:
+    """The chunks ``flat[lo:hi]`` of a local contribution (checked by
+    :func:`check_contribution`), encoded. An int8 contribution is checked for NaN and
+    infinity here, by its scales, instead of by a pass over the whole tensor."""
+    chunks = [encode_chunk(flat[lo:hi], codec, block) for lo, hi in bounds]
+    if codec == "int8" and not all(
+        _scales_ok(payload, hi - lo, block)
+        for (lo, hi), (_, payload) in zip(bounds, chunks, strict=True)
+    ):
+        raise BadContribution(peer, "nonfinite", "NaN or infinity in the contribution")
+    return chunks
 
 
 def all_finite(values: torch.Tensor) -> bool:
@@ -185,14 +297,15 @@ def roundtrip(values: torch.Tensor, codec: str, block: int) -> torch.Tensor:
 
 
 def check_contribution(peer: str, tensor: torch.Tensor, shape: tuple[int, ...], codec: str) -> None:
-    """Local validation of a contribution before anything is sent."""
+    """Local validation of a contribution before anything is sent (for int8 but NaN and
+    infinity, which :func:`encode_contribution` finds on the way)."""
     if not isinstance(tensor, torch.Tensor):
         raise BadContribution(peer, "dtype", f"{type(tensor).__name__} is not a tensor")
     if tuple(tensor.shape) != shape:
         raise BadContribution(peer, "shape", f"{tuple(tensor.shape)}, expected {shape}")
     if tensor.dtype != torch.float32:
         raise BadContribution(peer, "dtype", f"{tensor.dtype}, expected torch.float32")
-    if not all_finite(tensor):
+    if codec != "int8" and not all_finite(tensor):
         raise BadContribution(peer, "nonfinite", "NaN or infinity in the contribution")
     if codec == "fp16" and float(tensor.abs().amax()) > FP16_MAX:
         raise BadContribution(peer, "range", f"values beyond fp16's range (|x| > {FP16_MAX})")

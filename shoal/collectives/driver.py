@@ -214,11 +214,11 @@ class CollectivesDriver:
             if isinstance(op, StarAllReduce):
                 raise CollectiveError("a star all-reduce member must contribute")
             return await self.run_operation(op, op.abstain)
-        check_contribution(self.me, tensor, view.shape, view.codec)  # raises before anything
         if isinstance(op, StarAllReduce):
+            check_contribution(self.me, tensor, view.shape, view.codec)  # raises before anything
             return await self.run_operation(op, lambda: op.contribute(tensor))
-        butterfly = op
-        return await self.run_operation(op, lambda: butterfly.contribute(tensor, checked=True))
+        await trio.to_thread.run_sync(op.prepare, tensor)  # checks and encodes; raises first
+        return await self.run_operation(op, op.contribute)
 
     async def run_operation(
         self, op: Operation, begin: Callable[[], list[Send]]

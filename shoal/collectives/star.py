@@ -50,7 +50,7 @@ class StarAllReduce(Receiver):
         self.numel = view.numel
         self.nbytes = chunk_codec.payload_nbytes(view.codec, self.numel, view.block)
         self.max_message_bytes = wire.max_message_bytes(self.nbytes)
-        self._slots: dict[str, torch.Tensor] = {}
+        self._slots: dict[str, chunk_codec.Slot] = {}
         self._out: list[Send] = []
         self._failed: set[str] = set()
         self._refused: set[str] = set()
@@ -66,8 +66,12 @@ class StarAllReduce(Receiver):
         if self._contributed:
             raise CollectiveError(f"{self.me} already contributed to {self.view.tag!r}")
         self._contributed = True
-        header, payload = chunk_codec.encode_chunk(
-            tensor.detach().reshape(-1), self.view.codec, self.view.block
+        [(header, payload)] = chunk_codec.encode_contribution(
+            self.me,
+            tensor.detach().reshape(-1),
+            [(0, self.numel)],
+            self.view.codec,
+            self.view.block,
         )
         self._deliver(self.leader, "SDATA", {"x": header}, payload)
         return self._flush()
@@ -129,7 +133,7 @@ class StarAllReduce(Receiver):
         if sender in self._slots or sender in self._gone() or self.finished:
             return
         try:
-            self._slots[sender] = chunk_codec.decode_chunk(
+            self._slots[sender] = chunk_codec.accept_chunk(
                 sender,
                 msg.fields["x"],
                 msg.payload,
@@ -152,8 +156,7 @@ class StarAllReduce(Receiver):
         if not contributors:
             self.error = OperationFailed(self.view.tag, "no contribution left")
             return
-        reduced = reduce_chunk(self.view, contributors, self._slots)
-        _, payload = chunk_codec.encode_chunk(reduced, self.view.codec, self.view.block)
+        payload = reduce_chunk(self.view, contributors, self._slots, self.numel)
         fields = {"h": digest(payload), "s": list(contributors)}
         for peer in self.view.peers:
             if peer not in self._failed:  # refused peers still learn the result

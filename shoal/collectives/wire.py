@@ -25,7 +25,7 @@ from shoal.transport.framing import PREFIX_SIZE, decode_header, encode_header
 if TYPE_CHECKING:
     from shoal.collectives.view import View
 
-VERSION = 2  # 2: sha256 chunk digests (blake2b before), no crc32 in DATA headers, DONE
+VERSION = 3  # 3: BLAKE3 chunk digests; 2: sha256 (blake2b before), no crc32 in DATA, DONE
 MAX_HEADER = 64 * 1024
 _PREFIX = struct.Struct(">I")
 

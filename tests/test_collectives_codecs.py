@@ -174,3 +174,20 @@ def test_an_int8_contribution_with_a_bad_scale_is_refused(bad_scale: float) -> N
     with pytest.raises(BadContribution) as info:
         accept_chunk("p", header, bad, codec="int8", n=640, block=64)
     assert info.value.field == "nonfinite" and info.value.peer == "p"
+
+
+def test_int8_codes_need_no_clamp_at_any_magnitude() -> None:
+    """encode_chunk leaves out the kernel's clamp to ±127 (x / fl(absmax / 127) rounds to at
+    most 127): its bytes equal the kernel's for blocks of every magnitude fp32 holds,
+    subnormal ones included, with each block's largest value of either sign."""
+    g = torch.Generator().manual_seed(5)
+    blocks = 4096
+    exponents = torch.randint(-149, 128, (blocks, 1), generator=g).float()
+    x = (torch.rand(blocks, 64, generator=g) * 2 - 1) * torch.exp2(exponents)
+    x[::2, 7] = -x[::2].abs().amax(dim=1) * (1 + 2**-23)  # a negative largest value
+    x = torch.nan_to_num(x, posinf=3e38, neginf=-3e38).reshape(-1)
+    _, payload = encode_chunk(x, "int8", 64)
+    _, ref_payload = codecs.encode(x, codec="int8_block", block=64)
+    assert bytes(payload) == bytes(ref_payload)
+    codes = torch.frombuffer(bytearray(payload), dtype=torch.int8, offset=4 * blocks)
+    assert int(codes.abs().max()) == 127

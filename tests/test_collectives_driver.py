@@ -240,10 +240,13 @@ def test_bad_inputs_from_real_peers_are_refused_and_the_round_goes_on(
         # the bad members still receive the result, averaged over the good ones
         check_outcome(group, out, "run/2/grads", "fp32", ["p0", "p3"])
         finals = group.finals([*NAMES, "outsider"])
+        seen = {name: {tuple(r) for r in finals[name]["rejections"]} for name in NAMES}
         for name in ("p0", "p3"):
-            seen = {tuple(r) for r in finals[name]["rejections"]}
-            assert ("BadContribution", "p1", "nonfinite") in seen, (name, seen)
-            assert ("BadContribution", "p2", "shape") in seen, (name, seen)
-            assert ("NotAMember", "outsider", None) in seen, (name, seen)
+            assert ("BadContribution", "p2", "shape") in seen[name], (name, seen)
+            assert ("NotAMember", "outsider", None) in seen[name], (name, seen)
+        # NaN is found when an owner sums the contributions: by the first owner that
+        # holds them all (p1 itself may be that one); once the coordinator drops p1, the
+        # others sum without it
+        assert any(("BadContribution", "p1", "nonfinite") in seen[n] for n in seen), seen
     finally:
         group.close()

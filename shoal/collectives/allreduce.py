@@ -470,12 +470,16 @@ class AllReduce(Receiver):
                 block=self.view.block,
             )
         except BadContribution as exc:
-            self._reject(exc)
-            self._bad.add(sender)
-            self._report(sender, "bad")
+            self._refuse(sender, exc)
             return
         slots[sender] = values
         self._try_reduce(c)
+
+    def _refuse(self, sender: str, error: BadContribution) -> None:
+        """A contribution is refused: the coordinator drops its sender from S."""
+        self._reject(error)
+        self._bad.add(sender)
+        self._report(sender, "bad")
 
     def _try_reduce(self, c: int) -> None:
         """Reduce chunk c if this peer owns it and holds every contribution of S."""
@@ -487,7 +491,13 @@ class AllReduce(Receiver):
             return
         key = (c, S)
         if key not in self._reduced:
-            encoded = reduce_chunk(self.view, tuple(S), slots, self.view.chunk_len(c))
+            try:
+                encoded = reduce_chunk(self.view, tuple(S), slots, self.view.chunk_len(c))
+            except chunk_codec.NonFiniteParts as exc:
+                for peer in (sorted(S)[i] for i in exc.indices):
+                    self._refuse(peer, BadContribution(peer, "nonfinite", "NaN or infinity"))
+                    del slots[peer]
+                return
             self._reduced[key] = (encoded, digest(encoded))
         payload, h = self._reduced[key]
         self._store[(c, h)] = payload

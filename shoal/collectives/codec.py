@@ -19,6 +19,7 @@ the same codec, the owner's own too, so the result does not depend on who owned 
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from shoal.collectives.errors import BadContribution
-from shoal.kernels import codecs
+from shoal.kernels import codecs, native
 from shoal.kernels.errors import CodecError
 
 CODECS = ("fp32", "fp16", "int8")
@@ -77,6 +78,19 @@ def encode_chunk(values: torch.Tensor, codec: str, block: int) -> tuple[dict[str
     return header, payload
 
 
+class NonFiniteParts(ValueError):
+    """Contributions that hold NaN or infinity, found when reduced: their indices."""
+
+    def __init__(self, indices: list[int]) -> None:
+        super().__init__(f"NaN or infinity in parts {indices}")
+        self.indices = indices
+
+
+def _tensor(slot: Slot) -> torch.Tensor:
+    assert isinstance(slot, torch.Tensor), "fp32 and fp16 contributions are decoded tensors"
+    return slot
+
+
 SEGMENT = 1 << 16  # elements per step of the int8 kernels: 256 KiB of fp32, kept in L2
 
 
@@ -110,8 +124,28 @@ def _int8_block(flat: torch.Tensor, block: int) -> bytearray:
     written straight into the payload."""
     n = flat.numel()
     out = bytearray(4 * -(-n // block) + n)
+    if (lib := native.chunk_kernels()) is not None and n:
+        scales, codes = _addresses(out, n, block)
+        lib.shoal_int8_encode(flat.data_ptr(), n, block, scales, codes)
+        return out
     _int8_encode_into(out, n, block, lambda lo, hi, _: flat[lo:hi])
     return out
+
+
+def _addresses(payload: bytearray, n: int, block: int) -> tuple[int, int]:
+    """Where a writable int8 payload's scales and codes start in memory (for the native
+    kernels; a fresh bytearray is aligned for floats)."""
+    at = ctypes.addressof(ctypes.c_char.from_buffer(payload))
+    return at, at + 4 * -(-n // block)
+
+
+def _native_parts(payload: Payload, n: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """An int8 payload's scales (aligned: copied where the payload is not) and codes, as
+    numpy arrays whose ``ctypes.data`` the native kernels read (read-only ones too)."""
+    n_blocks = -(-n // block)
+    scales = np.frombuffer(payload, dtype="<f4", count=n_blocks)
+    codes = np.frombuffer(payload, dtype=np.int8, offset=4 * n_blocks)
+    return (scales if scales.flags.aligned else scales.copy()), codes
 
 
 def _int8_encode_into(
@@ -158,24 +192,66 @@ def reduce_encode(parts: Sequence[tuple[Slot, float]], codec: str, n: int, block
     """The canonical reduction, encoded: sum of w_i * x_i in the order given (sorted peer
     order), in fp32, divided by the sum of the weights (accumulated in fp32 in the same
     order). Each product and each sum is rounded on its own (no fused ops), and a weight of
-    1 skips the product, which is exact then. fp32/fp16 parts are decoded tensors; int8
-    parts are payloads (see :func:`accept_chunk`), decoded, summed and encoded again a
-    segment at a time, with the same values as decoding whole chunks first."""
+    1 skips the product, which is exact then. fp32/fp16 parts are decoded tensors, checked
+    for NaN and infinity here (:class:`NonFiniteParts` names the parts that hold any);
+    int8 parts are payloads (see :func:`accept_chunk`), decoded, summed and encoded again
+    a segment at a time, with the same values as decoding whole chunks first. The native
+    kernels (:mod:`shoal.kernels.native`) compute the same bytes where they are built."""
     total = torch.zeros((), dtype=torch.float32)
     for _, w in parts:
         total = total + w
+    lib = native.chunk_kernels()
+    if codec != "int8" and lib is not None:
+        tensors = [t.contiguous() for t, _ in parts if isinstance(t, torch.Tensor)]
+        k = len(tensors)
+        acc = torch.empty(n, dtype=torch.float32)
+        bad = np.zeros(k, dtype=np.uint8)
+        lib.shoal_f32_reduce(
+            k,
+            (ctypes.c_void_p * k)(*(t.data_ptr() for t in tensors)),
+            np.array([w for _, w in parts], dtype=np.float32).ctypes.data,
+            float(total),
+            n,
+            acc.data_ptr(),
+            bad.ctypes.data,
+        )
+        if bad.any():
+            raise NonFiniteParts([int(i) for i in np.flatnonzero(bad)])
+        return encode_chunk(acc, codec, block)[1]
     if codec != "int8":
+        if nonfinite := [i for i, (t, _) in enumerate(parts) if not all_finite(_tensor(t))]:
+            raise NonFiniteParts(nonfinite)
         acc = torch.zeros(n, dtype=torch.float32)
         scratch: torch.Tensor | None = None
         for values, w in parts:
-            assert isinstance(values, torch.Tensor)
             if w == 1.0:
-                acc.add_(values)
+                acc.add_(_tensor(values))
             else:
                 scratch = torch.empty_like(acc) if scratch is None else scratch
-                acc.add_(torch.mul(values, w, out=scratch))
+                acc.add_(torch.mul(_tensor(values), w, out=scratch))
         return encode_chunk(acc.div_(total), codec, block)[1]
-    decoded = [(*_int8_parts(p, n, block), w) for p, w in parts if not isinstance(p, torch.Tensor)]
+    payloads = [(p, w) for p, w in parts if not isinstance(p, torch.Tensor)]
+    out = bytearray(payload_nbytes(codec, n, block))
+    if lib is not None and n:
+        held = [_native_parts(p, n, block) for p, _ in payloads]  # alive during the call
+        k = len(held)
+        scale_at = (ctypes.c_void_p * k)(*(sc.ctypes.data for sc, _ in held))
+        code_at = (ctypes.c_void_p * k)(*(co.ctypes.data for _, co in held))
+        weights = np.array([w for _, w in payloads], dtype=np.float32)
+        block_acc = np.empty(block, dtype=np.float32)
+        lib.shoal_int8_reduce(
+            k,
+            scale_at,
+            code_at,
+            weights.ctypes.data,
+            float(total),
+            n,
+            block,
+            block_acc.ctypes.data,
+            *_addresses(out, n, block),
+        )
+        return out
+    decoded = [(*_int8_parts(p, n, block), w) for p, w in payloads]
     step = torch.empty(min(n, max(block, SEGMENT)), dtype=torch.float32)
 
     def reduced(lo: int, hi: int, acc: torch.Tensor) -> torch.Tensor:
@@ -186,7 +262,6 @@ def reduce_encode(parts: Sequence[tuple[Slot, float]], codec: str, n: int, block
             acc.add_(x if w == 1.0 else x.mul_(w))
         return acc.div_(total)
 
-    out = bytearray(payload_nbytes(codec, n, block))
     _int8_encode_into(out, n, block, reduced)
     return out
 
@@ -200,6 +275,8 @@ def decode_into(
     ``.float()``: fp32 and fp16 -> fp32 are exact, and int8 is ``code * scale`` rounded
     once per element in fp32, as :mod:`shoal.kernels.codecs` computes it."""
     n = out.numel()
+    if not out.is_contiguous() or out.dtype != torch.float32:
+        raise ValueError("decode_into needs a contiguous fp32 tensor")
     if len(payload) != payload_nbytes(codec, n, block):
         raise ValueError(f"a {codec} chunk of {n} elements cannot be {len(payload)} bytes")
     dst = out.numpy()  # shares out's memory; numpy reads read-only buffers without a copy
@@ -208,6 +285,10 @@ def decode_into(
         return
     if codec == "fp16":
         dst[:] = np.frombuffer(payload, dtype="<f2")
+        return
+    if (lib := native.chunk_kernels()) is not None and n:
+        held = _native_parts(payload, n, block)
+        lib.shoal_int8_decode(held[0].ctypes.data, held[1].ctypes.data, n, block, out.data_ptr())
         return
     scales, codes = _int8_parts(payload, n, block)
     for lo, hi, _ in _segments(n, block):
@@ -223,12 +304,13 @@ def accept_chunk(
     n: int,
     block: int,
 ) -> Slot:
-    """Validate a contribution's header against what the view expects, and its values:
-    an fp32 or fp16 one is decoded to fp32 (an aligned, writable fp32 payload is used in
-    place, without a copy) and checked for NaN and infinity; an int8 one stays as it
-    came, and only its scales are checked (n / block floats: every code times a finite
-    scale of at most FLOAT_MAX / 127 is finite). Raises :class:`BadContribution` naming
-    the field; allocates only after the header's sizes match the expected ones."""
+    """Validate a contribution's header against what the view expects: an fp32 or fp16
+    one is decoded to fp32 (an aligned, writable fp32 payload is used in place, without a
+    copy), and checked for NaN and infinity by :func:`reduce_encode`, on the pass that
+    sums it; an int8 one stays as it came, and its scales are checked here (n / block
+    floats: every code times a finite scale of at most FLOAT_MAX / 127 is finite). Raises
+    :class:`BadContribution` naming the field; allocates only after the header's sizes
+    match the expected ones."""
     kind, dtype = _WIRE[codec]
     if not isinstance(header, dict):
         raise BadContribution(peer, "codec", "tensor header is not a map")
@@ -253,12 +335,9 @@ def accept_chunk(
         return payload
     raw = np.frombuffer(payload, dtype="<f4") if codec == "fp32" else None
     if raw is not None and raw.flags.writeable and raw.flags.aligned:
-        values = torch.from_numpy(raw)  # the received buffer itself: no copy
-    else:
-        values = torch.empty(n, dtype=torch.float32)
-        decode_into(values, payload, codec, block)
-    if not all_finite(values):
-        raise BadContribution(peer, "nonfinite", "NaN or infinity in the contribution")
+        return torch.from_numpy(raw)  # the received buffer itself: no copy
+    values = torch.empty(n, dtype=torch.float32)
+    decode_into(values, payload, codec, block)
     return values
 
 

@@ -156,7 +156,14 @@ class StarAllReduce(Receiver):
         if not contributors:
             self.error = OperationFailed(self.view.tag, "no contribution left")
             return
-        payload = reduce_chunk(self.view, contributors, self._slots, self.numel)
+        try:
+            payload = reduce_chunk(self.view, contributors, self._slots, self.numel)
+        except chunk_codec.NonFiniteParts as exc:
+            for peer in (contributors[i] for i in exc.indices):
+                self.rejections.append(BadContribution(peer, "nonfinite", "NaN or infinity"))
+                self._refused.add(peer)
+            self._maybe_reduce()  # with the others
+            return
         fields = {"h": digest(payload), "s": list(contributors)}
         for peer in self.view.peers:
             if peer not in self._failed:  # refused peers still learn the result

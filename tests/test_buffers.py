@@ -4,12 +4,14 @@ keeps at most ``max_bytes``."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
+import pytest
 import torch
 
-from shoal.transport.buffers import BufferPool
+from shoal.transport.buffers import BufferPool, _Entry
 from shoal.transport.framing import FrameDecoder, encode_frame
 
 MIB = 1 << 20
@@ -77,3 +79,43 @@ def test_free_buffers_idle_too_long_are_trimmed_and_busy_ones_kept() -> None:
     assert pool.pooled_bytes == MIB
     assert pool.take(MIB) is not busy  # still in use: never handed out twice
     del busy
+
+
+def test_threads_never_hold_the_same_buffer_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The all-reduce's worker threads take buffers beside the trio thread: the check
+    "free" and the handing out are one step under a lock. The check is slowed down here
+    (it sleeps after looking), so that without the lock two threads would both find a
+    buffer free and take it."""
+    looked = _Entry.free
+
+    def slow_free(entry: _Entry) -> bool:
+        free = bool(looked.fget(entry))  # type: ignore[attr-defined]
+        time.sleep(0.0002)
+        return free
+
+    monkeypatch.setattr(_Entry, "free", property(slow_free))
+    pool = BufferPool(min_size=MIB, max_bytes=64 * MIB)
+    held: dict[int, int] = {}
+    clashes: list[int] = []
+    guard = threading.Lock()
+
+    def work(me: int) -> None:
+        for _ in range(50):
+            buffer = pool.take(MIB)
+            with guard:
+                if id(buffer) in held:
+                    clashes.append(id(buffer))
+                held[id(buffer)] = me
+            buffer[0] = me
+            time.sleep(0.001)  # in use for a while
+            with guard:
+                held.pop(id(buffer), None)
+            del buffer
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert clashes == []
+    assert pool.reused > 0 and pool.pooled_bytes <= 6 * MIB  # reused, at most one per thread

@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_collectives_support import contributions, exact_average, group, reference, run, sha
 
+from shoal.collectives import AllReduce
 from shoal.collectives.codec import (
     SEGMENT,
     accept_chunk,
@@ -18,7 +19,7 @@ from shoal.collectives.codec import (
     reduce_encode,
 )
 from shoal.collectives.errors import BadContribution
-from shoal.collectives.memnet import Fault
+from shoal.collectives.memnet import Fault, MemoryNetwork
 from shoal.kernels import codecs, native
 
 
@@ -201,3 +202,34 @@ def test_int8_codes_need_no_clamp_at_any_magnitude() -> None:
     assert bytes(payload) == bytes(ref_payload)
     codes = torch.frombuffer(bytearray(payload), dtype=torch.int8, offset=4 * blocks)
     assert int(codes.abs().max()) == 127
+
+
+@pytest.mark.parametrize("codec", ["fp32", "int8"])
+def test_encoded_contributions_and_sums_come_from_the_given_allocator(codec: str) -> None:
+    """A driver hands its buffer pool to the machines: every encoded int8 chunk and every
+    reduced chunk is written into a buffer from ``alloc`` (fp32 contributions are sent as
+    views of the tensor itself), and the result is the same as with fresh buffers."""
+    view = group(4, (3, 1000), codec=codec)
+    xs = contributions(view, seed=11)
+    sizes: dict[str, list[int]] = {p: [] for p in view.peers}
+
+    def alloc_for(peer: str):  # type: ignore[no-untyped-def]
+        def alloc(size: int) -> bytearray:
+            sizes[peer].append(size)
+            return bytearray(b"\xa5" * size)  # not zeroed: every byte must be written
+
+        return alloc
+
+    ops = {p: AllReduce(view, p, alloc=alloc_for(p)) for p in view.peers}
+    net = MemoryNetwork(ops, [])
+    for p in view.peers:
+        net.call(p, lambda p=p: ops[p].contribute(xs[p]))  # type: ignore[misc]
+    net.run()
+    ref = reference(view, xs, view.peers)
+    for p, op in ops.items():
+        assert op.result is not None and torch.equal(op.result.tensor, ref)
+        chunks = [view.chunk_len(c) for c in range(view.n_chunks)]
+        owned = [n for c, n in enumerate(chunks) if view.owner(c, view.peers) == p]
+        encoded = [payload_nbytes(codec, n, view.block) for n in chunks]
+        reduced = [payload_nbytes(codec, n, view.block) for n in owned]
+        assert sorted(sizes[p]) == sorted((encoded if codec == "int8" else []) + reduced)

@@ -19,6 +19,7 @@ from libp2p.peer.id import ID
 
 from shoal.transport.bulk import (
     AES,
+    AES128,
     CHACHA,
     FRAME,
     PROTOCOL,
@@ -98,9 +99,11 @@ async def test_bytes_arrive_intact_both_ways() -> None:
 @pytest.mark.parametrize(
     ("opener", "acceptor", "cipher"),
     [
+        ([AES128, AES, CHACHA], [AES128, AES, CHACHA], AES128),
+        ([AES, CHACHA], [AES128, AES, CHACHA], AES),  # an opener from before AES-128
         ([AES, CHACHA], [AES, CHACHA], AES),
-        ([CHACHA], [AES, CHACHA], CHACHA),
-        ([AES, CHACHA], [CHACHA], CHACHA),
+        ([CHACHA], [AES128, AES, CHACHA], CHACHA),
+        ([AES128, AES, CHACHA], [CHACHA], CHACHA),
     ],
 )
 async def test_the_cipher_is_aes_only_when_both_prefer_it(
@@ -133,6 +136,9 @@ async def test_a_stream_of_small_messages_holds_small_buffers() -> None:
 
 async def test_cipher_choice_and_cpu_detection() -> None:
     assert choose_cipher([AES, CHACHA], [AES, CHACHA]) == AES
+    assert choose_cipher([AES128, AES, CHACHA], [AES128, AES, CHACHA]) == AES128
+    assert choose_cipher([AES128, CHACHA], [AES, CHACHA]) == CHACHA  # no AES in common
+    assert choose_cipher([CHACHA, AES128], [AES128, CHACHA]) == CHACHA  # not first
     assert choose_cipher(None, [AES, CHACHA]) == CHACHA  # an opener that predates the choice
     assert choose_cipher(["rot13"], [AES, CHACHA]) == CHACHA
     x86 = "processor\t: 0\nflags\t\t: fpu vme sse2 aes avx2 sha_ni\n"

@@ -119,13 +119,17 @@ def digest(payload: wire.Payload) -> bytes:
 
 
 def reduce_chunk(
-    view: View, contributors: tuple[str, ...], slots: Mapping[str, chunk_codec.Slot], n: int
+    view: View,
+    contributors: tuple[str, ...],
+    slots: Mapping[str, chunk_codec.Slot],
+    n: int,
+    alloc: chunk_codec.Alloc = bytearray,
 ) -> wire.Payload:
     """The canonical reduction of a chunk of ``n`` elements, encoded with the view's
     codec: sum of w_i * x_i in sorted peer order, in fp32, divided by the sum of the
     weights (:func:`~shoal.collectives.codec.reduce_encode`)."""
     parts = [(slots[peer], view.weight(peer)) for peer in sorted(contributors)]
-    return chunk_codec.reduce_encode(parts, view.codec, n, view.block)
+    return chunk_codec.reduce_encode(parts, view.codec, n, view.block, alloc)
 
 
 @dataclass(slots=True)
@@ -182,12 +186,21 @@ class Receiver:
 class AllReduce(Receiver):
     """One peer's side of one all-reduce operation (one view)."""
 
-    def __init__(self, view: View, me: str, *, out: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        view: View,
+        me: str,
+        *,
+        out: torch.Tensor | None = None,
+        alloc: chunk_codec.Alloc = bytearray,
+    ) -> None:
         """``out``: where the result goes (a contiguous fp32 CPU tensor of the view's
         shape, e.g. the contribution itself, as gloo's in-place all-reduce); a new tensor
         without it. It is written from the commit on, chunk by chunk as they arrive (the
         contribution is not needed any more then): an operation that fails after its
-        commit may leave part of the result in it."""
+        commit may leave part of the result in it. ``alloc``: where the buffers of encoded
+        contributions and reduced chunks come from (a driver passes its pool's ``take``,
+        callable from any thread)."""
         if me not in view.peers:
             raise CollectiveError(f"{me} is not a member of {view.tag!r}")
         if out is not None and (
@@ -201,6 +214,7 @@ class AllReduce(Receiver):
                 f"not {out.dtype} {tuple(out.shape)} on {out.device}"
             )
         self._into = out
+        self._alloc = alloc
         self._flat: torch.Tensor | None = None  # the result, decoded chunk by chunk
         self._decoded: set[int] = set()
         self.view = view
@@ -260,7 +274,9 @@ class AllReduce(Receiver):
             raise CollectiveError(f"{self.me} already contributed to {view.tag!r}")
         bounds = [view.chunk(c) for c in range(view.n_chunks)]
         flat = tensor.detach().reshape(-1)
-        self._mine = chunk_codec.encode_contribution(self.me, flat, bounds, view.codec, view.block)
+        self._mine = chunk_codec.encode_contribution(
+            self.me, flat, bounds, view.codec, view.block, self._alloc
+        )
 
     def contribute(self, tensor: torch.Tensor | None = None) -> list[Send]:
         """The local contribution is ready (``None``: the one given to :meth:`prepare`);
@@ -492,7 +508,8 @@ class AllReduce(Receiver):
         key = (c, S)
         if key not in self._reduced:
             try:
-                encoded = reduce_chunk(self.view, tuple(S), slots, self.view.chunk_len(c))
+                n = self.view.chunk_len(c)
+                encoded = reduce_chunk(self.view, tuple(S), slots, n, self._alloc)
             except chunk_codec.NonFiniteParts as exc:
                 for peer in (sorted(S)[i] for i in exc.indices):
                     self._refuse(peer, BadContribution(peer, "nonfinite", "NaN or infinity"))

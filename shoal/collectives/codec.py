@@ -40,6 +40,9 @@ Payload = bytes | bytearray | memoryview
 #: an accepted contribution: fp32 and fp16 ones decoded to fp32, int8 ones as their payload
 #: (decoded a segment at a time when reduced: :func:`reduce_encode`)
 Slot = torch.Tensor | Payload
+#: where the buffers of encoded chunks and sums come from: ``bytearray`` by default, a
+#: driver's pool (``BufferPool.take``, reused buffers: no page faults) in a node
+Alloc = Callable[[int], bytearray]
 _WIRE: dict[str, tuple[str, torch.dtype]] = {
     "fp32": ("raw", torch.float32),
     "fp16": ("raw", torch.float16),
@@ -56,7 +59,9 @@ def payload_nbytes(codec: str, n: int, block: int) -> int:
     return 4 * -(-n // block) + n
 
 
-def encode_chunk(values: torch.Tensor, codec: str, block: int) -> tuple[dict[str, Any], Payload]:
+def encode_chunk(
+    values: torch.Tensor, codec: str, block: int, alloc: Alloc = bytearray
+) -> tuple[dict[str, Any], Payload]:
     """A 1-D fp32 chunk -> (header, payload): the header and bytes of
     ``shoal.kernels.codecs.encode`` without its crc32 (the transports authenticate every
     byte: Noise, or a bulk stream's AEAD). No copy where none is needed: an fp32 payload
@@ -66,7 +71,9 @@ def encode_chunk(values: torch.Tensor, codec: str, block: int) -> tuple[dict[str
     kind, dtype = _WIRE[codec]
     flat = values.detach().to("cpu", torch.float32).contiguous().reshape(-1)
     raw = codec != "int8"
-    payload: Payload = flat.to(dtype).numpy().data.cast("B") if raw else _int8_block(flat, block)
+    payload: Payload = (
+        flat.to(dtype).numpy().data.cast("B") if raw else _int8_block(flat, block, alloc)
+    )
     header: dict[str, Any] = {
         "dtype": "float16" if codec == "fp16" else "float32",
         "shape": [flat.numel()],
@@ -116,14 +123,14 @@ def _int8_parts(payload: Payload, n: int, block: int) -> tuple[torch.Tensor, np.
     return scales, np.frombuffer(payload, dtype=np.int8, offset=4 * n_blocks)
 
 
-def _int8_block(flat: torch.Tensor, block: int) -> bytearray:
+def _int8_block(flat: torch.Tensor, block: int, alloc: Alloc = bytearray) -> bytearray:
     """``codecs.encode(flat, codec="int8_block")``'s payload: per block
     scale = absmax / 127 (fp32), code = round(x / max(scale, tiny)) clamped to ±127, the
     scales then the codes. The same fp32 operations as the kernel, so the same bytes,
-    computed a segment at a time (:func:`_segments`) in one small scratch buffer and
-    written straight into the payload."""
+    written straight into the payload: by the native kernel where it is built, else a
+    segment at a time (:func:`_segments`) in one small scratch buffer."""
     n = flat.numel()
-    out = bytearray(4 * -(-n // block) + n)
+    out = alloc(4 * -(-n // block) + n)
     if (lib := native.chunk_kernels()) is not None and n:
         scales, codes = _addresses(out, n, block)
         lib.shoal_int8_encode(flat.data_ptr(), n, block, scales, codes)
@@ -188,7 +195,9 @@ def _int8_decode_step(
     out.view(rows, -1).mul_(scales[lo // block : lo // block + rows, None])
 
 
-def reduce_encode(parts: Sequence[tuple[Slot, float]], codec: str, n: int, block: int) -> Payload:
+def reduce_encode(
+    parts: Sequence[tuple[Slot, float]], codec: str, n: int, block: int, alloc: Alloc = bytearray
+) -> Payload:
     """The canonical reduction, encoded: sum of w_i * x_i in the order given (sorted peer
     order), in fp32, divided by the sum of the weights (accumulated in fp32 in the same
     order). Each product and each sum is rounded on its own (no fused ops), and a weight of
@@ -200,16 +209,29 @@ def reduce_encode(parts: Sequence[tuple[Slot, float]], codec: str, n: int, block
     total = torch.zeros((), dtype=torch.float32)
     for _, w in parts:
         total = total + w
-    lib = native.chunk_kernels()
-    if codec != "int8" and lib is not None:
-        tensors = [t.contiguous() for t, _ in parts if isinstance(t, torch.Tensor)]
+    if codec == "int8":
+        payloads = [(p, w) for p, w in parts if not isinstance(p, torch.Tensor)]
+        return _reduce_int8(payloads, total, n, block, alloc)
+    acc = _reduce_float([(_tensor(t), w) for t, w in parts], total, n, alloc)
+    return encode_chunk(acc, codec, block)[1]
+
+
+def _reduce_float(
+    parts: Sequence[tuple[torch.Tensor, float]], total: torch.Tensor, n: int, alloc: Alloc
+) -> torch.Tensor:
+    """:func:`reduce_encode`'s fp32 sum of decoded contributions, before encoding (in a
+    buffer from ``alloc``: an fp32 chunk is sent as a view of it)."""
+    acc = torch.frombuffer(alloc(4 * n), dtype=torch.float32) if n else torch.empty(0)
+    if (lib := native.chunk_kernels()) is not None:
+        # every buffer the call reads or writes is held by a name until it returns
+        tensors = [t.contiguous() for t, _ in parts]
+        weights = np.array([w for _, w in parts], dtype=np.float32)
         k = len(tensors)
-        acc = torch.empty(n, dtype=torch.float32)
         bad = np.zeros(k, dtype=np.uint8)
         lib.shoal_f32_reduce(
             k,
             (ctypes.c_void_p * k)(*(t.data_ptr() for t in tensors)),
-            np.array([w for _, w in parts], dtype=np.float32).ctypes.data,
+            weights.ctypes.data,
             float(total),
             n,
             acc.data_ptr(),
@@ -217,41 +239,45 @@ def reduce_encode(parts: Sequence[tuple[Slot, float]], codec: str, n: int, block
         )
         if bad.any():
             raise NonFiniteParts([int(i) for i in np.flatnonzero(bad)])
-        return encode_chunk(acc, codec, block)[1]
-    if codec != "int8":
-        if nonfinite := [i for i, (t, _) in enumerate(parts) if not all_finite(_tensor(t))]:
-            raise NonFiniteParts(nonfinite)
-        acc = torch.zeros(n, dtype=torch.float32)
-        scratch: torch.Tensor | None = None
-        for values, w in parts:
-            if w == 1.0:
-                acc.add_(_tensor(values))
-            else:
-                scratch = torch.empty_like(acc) if scratch is None else scratch
-                acc.add_(torch.mul(_tensor(values), w, out=scratch))
-        return encode_chunk(acc.div_(total), codec, block)[1]
-    payloads = [(p, w) for p, w in parts if not isinstance(p, torch.Tensor)]
-    out = bytearray(payload_nbytes(codec, n, block))
-    if lib is not None and n:
-        held = [_native_parts(p, n, block) for p, _ in payloads]  # alive during the call
+        return acc
+    if nonfinite := [i for i, (t, _) in enumerate(parts) if not all_finite(t)]:
+        raise NonFiniteParts(nonfinite)
+    acc.zero_()
+    scratch: torch.Tensor | None = None
+    for values, w in parts:
+        if w == 1.0:
+            acc.add_(values)
+        else:
+            scratch = torch.empty_like(acc) if scratch is None else scratch
+            acc.add_(torch.mul(values, w, out=scratch))
+    return acc.div_(total)
+
+
+def _reduce_int8(
+    parts: Sequence[tuple[Payload, float]], total: torch.Tensor, n: int, block: int, alloc: Alloc
+) -> bytearray:
+    """:func:`reduce_encode` of int8 payloads: decoded, summed and encoded again a block
+    (native) or a segment (torch) at a time."""
+    out = alloc(payload_nbytes("int8", n, block))
+    if (lib := native.chunk_kernels()) is not None and n:
+        # every buffer the call reads or writes is held by a name until it returns
+        held = [_native_parts(p, n, block) for p, _ in parts]
+        weights = np.array([w for _, w in parts], dtype=np.float32)
+        scratch = np.empty(block, dtype=np.float32)
         k = len(held)
-        scale_at = (ctypes.c_void_p * k)(*(sc.ctypes.data for sc, _ in held))
-        code_at = (ctypes.c_void_p * k)(*(co.ctypes.data for _, co in held))
-        weights = np.array([w for _, w in payloads], dtype=np.float32)
-        block_acc = np.empty(block, dtype=np.float32)
         lib.shoal_int8_reduce(
             k,
-            scale_at,
-            code_at,
+            (ctypes.c_void_p * k)(*(scales.ctypes.data for scales, _ in held)),
+            (ctypes.c_void_p * k)(*(codes.ctypes.data for _, codes in held)),
             weights.ctypes.data,
             float(total),
             n,
             block,
-            block_acc.ctypes.data,
+            scratch.ctypes.data,
             *_addresses(out, n, block),
         )
         return out
-    decoded = [(*_int8_parts(p, n, block), w) for p, w in payloads]
+    decoded = [(*_int8_parts(p, n, block), w) for p, w in parts]
     step = torch.empty(min(n, max(block, SEGMENT)), dtype=torch.float32)
 
     def reduced(lo: int, hi: int, acc: torch.Tensor) -> torch.Tensor:
@@ -349,12 +375,17 @@ def _scales_ok(payload: Payload, n: int, block: int) -> bool:
 
 
 def encode_contribution(
-    peer: str, flat: torch.Tensor, bounds: Sequence[tuple[int, int]], codec: str, block: int
+    peer: str,
+    flat: torch.Tensor,
+    bounds: Sequence[tuple[int, int]],
+    codec: str,
+    block: int,
+    alloc: Alloc = bytearray,
 ) -> list[tuple[dict[str, Any], Payload]]:
     """The chunks ``flat[lo:hi]`` of a local contribution (checked by
     :func:`check_contribution`), encoded. An int8 contribution is checked for NaN and
     infinity here, by its scales, instead of by a pass over the whole tensor."""
-    chunks = [encode_chunk(flat[lo:hi], codec, block) for lo, hi in bounds]
+    chunks = [encode_chunk(flat[lo:hi], codec, block, alloc) for lo, hi in bounds]
     if codec == "int8" and not all(
         _scales_ok(payload, hi - lo, block)
         for (lo, hi), (_, payload) in zip(bounds, chunks, strict=True)

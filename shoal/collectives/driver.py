@@ -98,7 +98,7 @@ class DriverConfig:
         this peer has not started yet are buffered by the mux, within its own limits).
     open_timeout: seconds to open a stream to a peer before it counts as failed.
     bulk: carry frames over bulk streams (:mod:`shoal.transport.bulk`: TCP sealed with
-        AES-256-GCM or ChaCha20-Poly1305 beside the libp2p connection) where the peer is
+        AES-GCM or ChaCha20-Poly1305 beside the libp2p connection) where the peer is
         reachable that way; libp2p streams otherwise.
     """
 
@@ -208,7 +208,7 @@ class CollectivesDriver:
         op: AllReduce | StarAllReduce = (
             StarAllReduce(view, self.me, leader=leader)
             if star
-            else AllReduce(view, self.me, out=out)
+            else AllReduce(view, self.me, out=out, alloc=self._buffers.take)
         )
         if tensor is None:
             if isinstance(op, StarAllReduce):

@@ -10,12 +10,15 @@ is the pool's own: a tensor made from a buffer (``torch.frombuffer``,
 is never handed out twice. Buffers below ``min_size`` are not pooled (malloc serves them
 from memory it has touched already). A free buffer not handed out for ``max_idle``
 seconds is dropped by :meth:`BufferPool.trim` (the collectives driver calls it every few
-seconds), so a node between training rounds minutes apart does not sit on them.
+seconds), so a node between training rounds minutes apart does not sit on them. Buffers
+to send come from it too (encoded contributions, reduced chunks: the all-reduce's
+machines ask on worker threads): it takes a lock.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -51,11 +54,17 @@ class BufferPool:
         self._by_size: OrderedDict[int, list[_Entry]] = OrderedDict()
         self.pooled_bytes = 0
         self.reused = 0  # buffers handed out again (for tests and status)
+        self._lock = threading.Lock()
 
     def take(self, size: int) -> bytearray:
-        """A buffer of exactly ``size`` bytes (its contents are not cleared)."""
+        """A buffer of exactly ``size`` bytes (its contents are not cleared); from any
+        thread."""
         if size < self.min_size:
             return bytearray(size)
+        with self._lock:
+            return self._take(size)
+
+    def _take(self, size: int) -> bytearray:
         entries = self._by_size.setdefault(size, [])
         self._by_size.move_to_end(size)
         for entry in entries:
@@ -73,7 +82,8 @@ class BufferPool:
     def trim(self, now: float | None = None) -> None:
         """Drop the free buffers not handed out for ``max_idle`` seconds."""
         now = time.monotonic() if now is None else now
-        self._drop(lambda entry: now - entry.handed >= self.max_idle)
+        with self._lock:
+            self._drop(lambda entry: now - entry.handed >= self.max_idle)
 
     def _make_room(self, size: int) -> None:
         """Drop free buffers, least recently asked sizes first, until ``size`` fits."""

@@ -233,3 +233,22 @@ def test_encoded_contributions_and_sums_come_from_the_given_allocator(codec: str
         encoded = [payload_nbytes(codec, n, view.block) for n in chunks]
         reduced = [payload_nbytes(codec, n, view.block) for n in owned]
         assert sorted(sizes[p]) == sorted((encoded if codec == "int8" else []) + reduced)
+
+
+@pytest.mark.parametrize("codec", ["fp32", "int8"])
+def test_reduce_encode_refuses_parts_of_another_size(codec: str) -> None:
+    """The native kernels read n elements of every part: a part of another size is a
+    ValueError before any of them runs."""
+    good = encode_chunk(torch.randn(640), codec, 64)[1]
+    short = encode_chunk(torch.randn(576), codec, 64)[1]
+    parts = [
+        accept_chunk(
+            "p", encode_chunk(torch.randn(640), codec, 64)[0], good, codec=codec, n=640, block=64
+        )
+    ]
+    other = accept_chunk(
+        "q", encode_chunk(torch.randn(576), codec, 64)[0], short, codec=codec, n=576, block=64
+    )
+    with pytest.raises(ValueError, match="must have that size"):
+        reduce_encode([(parts[0], 1.0), (other, 1.0)], codec, 640, 64)
+    assert len(reduce_encode([(parts[0], 1.0)], codec, 640, 64)) == payload_nbytes(codec, 640, 64)

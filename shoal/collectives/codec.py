@@ -206,6 +206,11 @@ def reduce_encode(
     int8 parts are payloads (see :func:`accept_chunk`), decoded, summed and encoded again
     a segment at a time, with the same values as decoding whole chunks first. The native
     kernels (:mod:`shoal.kernels.native`) compute the same bytes where they are built."""
+    size = payload_nbytes(codec, n, block)
+    if any(
+        (p.numel() != n) if isinstance(p, torch.Tensor) else (len(p) != size) for p, _ in parts
+    ):  # the native kernels trust the sizes
+        raise ValueError(f"every part of a {codec} chunk of {n} elements must have that size")
     total = torch.zeros((), dtype=torch.float32)
     for _, w in parts:
         total = total + w

@@ -14,6 +14,7 @@ from shoal.collectives.codec import (
     accept_chunk,
     decode_into,
     encode_chunk,
+    encode_contribution,
     error_bound,
     payload_nbytes,
     reduce_encode,
@@ -172,15 +173,24 @@ def test_reduce_encode_equals_decoding_reducing_and_encoding_whole_chunks(
     assert bytes(got) == bytes(want)
 
 
-@pytest.mark.parametrize("bad_scale", [float("nan"), float("inf"), -float("inf"), 3e38])
+FLOAT_MAX = torch.finfo(torch.float32).max
+
+
+@pytest.mark.parametrize(
+    "bad_scale",
+    [float("nan"), float("inf"), -float("inf"), 3e38, FLOAT_MAX / 127, -FLOAT_MAX / 127],
+)
 def test_an_int8_contribution_with_a_bad_scale_is_refused(bad_scale: float) -> None:
     """int8 contributions are checked by their scales only: one NaN, infinite, or so
-    large that a code times it overflows, is refused."""
+    large that some code times it overflows, is refused (FLOAT_MAX / 127 rounded to fp32
+    times 127 overflows, and so does anything above FLOAT_MAX / 128 times the code -128,
+    which no honest encoder writes but a peer may)."""
     x = torch.randn(640)
     header, payload = encode_chunk(x, "int8", 64)
     good = accept_chunk("p", header, payload, codec="int8", n=640, block=64)
     assert good is payload
     bad = bytearray(payload)
+    bad[4 * 10 + 3 * 64] = 0x80  # code -128, in block 3
     bad[12:16] = torch.tensor([bad_scale]).numpy().tobytes()  # block 3's scale
     with pytest.raises(BadContribution) as info:
         accept_chunk("p", header, bad, codec="int8", n=640, block=64)
@@ -249,6 +259,28 @@ def test_reduce_encode_refuses_parts_of_another_size(codec: str) -> None:
     other = accept_chunk(
         "q", encode_chunk(torch.randn(576), codec, 64)[0], short, codec=codec, n=576, block=64
     )
-    with pytest.raises(ValueError, match="must have that size"):
+    with pytest.raises(ValueError, match=r"must be (a payload of|640 fp32)"):
         reduce_encode([(parts[0], 1.0), (other, 1.0)], codec, 640, 64)
     assert len(reduce_encode([(parts[0], 1.0)], codec, 640, 64)) == payload_nbytes(codec, 640, 64)
+    wrong_kind = torch.randn(640, dtype=torch.float64) if codec == "fp32" else torch.randn(640)
+    with pytest.raises(ValueError, match="must be"):  # another dtype; a tensor for int8
+        reduce_encode([(parts[0], 1.0), (wrong_kind, 1.0)], codec, 640, 64)
+
+
+def test_the_largest_scale_accepted_keeps_every_code_finite() -> None:
+    """At the limit, FLOAT_MAX / 128, even the code -128 decodes to a finite value; an
+    honest contribution whose block holds FLOAT_MAX is refused where it is encoded."""
+    x = torch.randn(640)
+    header, payload = encode_chunk(x, "int8", 64)
+    edge = bytearray(payload)
+    edge[4 * 10 + 3 * 64] = 0x80
+    edge[12:16] = torch.tensor([FLOAT_MAX / 128]).numpy().tobytes()
+    slot = accept_chunk("p", header, edge, codec="int8", n=640, block=64)
+    out = torch.empty(640)
+    decode_into(out, slot, "int8", 64)  # type: ignore[arg-type]
+    assert bool(torch.isfinite(out).all()) and float(out[3 * 64]) == -FLOAT_MAX
+    huge = torch.zeros(640)
+    huge[100] = FLOAT_MAX
+    with pytest.raises(BadContribution) as info:
+        encode_contribution("me", huge, [(0, 640)], "int8", 64)
+    assert info.value.field == "nonfinite"

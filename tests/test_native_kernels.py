@@ -6,6 +6,7 @@ test_collectives_codecs.py run every case on both paths too.)"""
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,11 +36,42 @@ def built(fresh_cache: Path) -> Path:
 def test_built_once_into_the_cache_and_reused(built: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     [library] = list(built.glob("chunks-*.so"))
     stamp = library.stat().st_mtime_ns
+    assert built.stat().st_mode & 0o777 == 0o700  # created private
     native.chunk_kernels.cache_clear()
-    monkeypatch.setenv("CC", "/nonexistent/cc")  # a rebuild would fail
+
+    def no_compiling(*args: object) -> bool:
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(native, "_compile", no_compiling)
     assert native.chunk_kernels() is not None
     assert [p.stat().st_mtime_ns for p in built.glob("chunks-*.so")] == [stamp]
     assert len(list(built.iterdir())) == 1  # no temporary file left beside it
+
+
+def test_a_damaged_library_is_built_again(
+    fresh_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cc = shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.delenv("CC", raising=False)
+    fresh_cache.mkdir(mode=0o700, parents=True)
+    flags = (*native.FLAGS, *native.ARCH_FLAGS[0])
+    library = fresh_cache / f"chunks-{native._key([cc], flags)}.so"
+    library.write_bytes(b"")  # what a crash between creating and writing it leaves
+    assert native.chunk_kernels() is not None
+    assert library.stat().st_size > 1000
+
+
+def test_a_library_others_may_write_is_not_loaded(
+    built: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    [library] = list(built.glob("chunks-*.so"))
+    library.chmod(0o666)
+    native.chunk_kernels.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="shoal.kernels.native"):
+        assert native.chunk_kernels() is None
+    assert "not private to this user" in caplog.text and "SHOAL_KERNEL_CACHE" in caplog.text
 
 
 def test_off_with_the_environment_variable(
@@ -50,15 +82,30 @@ def test_off_with_the_environment_variable(
     assert not fresh_cache.exists()
 
 
-def test_without_a_compiler_the_fallback_is_logged(
-    fresh_cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("cc", "said"),
+    [
+        ("false", "false failed: exit 1"),  # a compiler that fails every time
+        ("/nonexistent/cc -O1", "/nonexistent/cc -O1 failed"),  # one that does not run
+        (None, "no C compiler"),
+    ],
+)
+def test_without_a_working_compiler_the_fallback_is_logged(
+    fresh_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    cc: str | None,
+    said: str,
 ) -> None:
-    monkeypatch.setenv("CC", "false")  # a compiler that fails every time
+    if cc is None:
+        monkeypatch.delenv("CC", raising=False)
+        monkeypatch.setenv("PATH", str(fresh_cache.parent / "empty"))
+    else:
+        monkeypatch.setenv("CC", cc)
     with caplog.at_level(logging.WARNING, logger="shoal.kernels.native"):
         assert native.chunk_kernels() is None
-    assert "native chunk kernels unavailable" in caplog.text
-    assert "C compiler" in caplog.text
-    assert not list(fresh_cache.glob("*"))  # no half-written library left behind
+    assert "native chunk kernels unavailable" in caplog.text and said in caplog.text
+    assert not list(fresh_cache.glob("*"))  # no library and no temporary file left behind
     # the codec still works, on torch
     _, payload = codec.encode_chunk(torch.arange(100.0), "int8", 64)
     out = torch.empty(100)

@@ -33,7 +33,10 @@ from shoal.kernels.errors import CodecError
 CODECS = ("fp32", "fp16", "int8")
 DEFAULT_BLOCK = 64
 FP16_MAX = 65504.0
-_INT8_MAX_SCALE = torch.finfo(torch.float32).max / 127
+#: the largest int8 scale accepted: every code, -128 included, times it is finite
+#: (FLOAT_MAX times 2**-7, exact in fp32; an honest block's absmax above 0.992 x FLOAT_MAX
+#: is refused with it)
+_INT8_MAX_SCALE = torch.finfo(torch.float32).max / 128
 #: a payload as built (bytes, a view of a tensor, an int8 chunk written in place) or
 #: received (a buffer or a view of one)
 Payload = bytes | bytearray | memoryview
@@ -125,18 +128,24 @@ def _int8_parts(payload: Payload, n: int, block: int) -> tuple[torch.Tensor, np.
 
 def _int8_block(flat: torch.Tensor, block: int, alloc: Alloc = bytearray) -> bytearray:
     """``codecs.encode(flat, codec="int8_block")``'s payload: per block
-    scale = absmax / 127 (fp32), code = round(x / max(scale, tiny)) clamped to ±127, the
-    scales then the codes. The same fp32 operations as the kernel, so the same bytes,
+    scale = absmax / 127 (fp32), code = round(x / max(scale, tiny)) (within ±127 without
+    the kernel's clamp: :func:`_int8_encode_into`), the scales then the codes. The same fp32 operations as the kernel, so the same bytes,
     written straight into the payload: by the native kernel where it is built, else a
     segment at a time (:func:`_segments`) in one small scratch buffer."""
     n = flat.numel()
     out = alloc(4 * -(-n // block) + n)
-    if (lib := native.chunk_kernels()) is not None and n:
+    if (lib := native.chunk_kernels()) is not None and n and _aligned(flat):
         scales, codes = _addresses(out, n, block)
         lib.shoal_int8_encode(flat.data_ptr(), n, block, scales, codes)
         return out
     _int8_encode_into(out, n, block, lambda lo, hi, _: flat[lo:hi])
     return out
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """A tensor the native kernels may read or write as floats (4-byte aligned; a
+    ``torch.frombuffer`` view at an odd offset is not)."""
+    return t.data_ptr() % 4 == 0
 
 
 def _addresses(payload: bytearray, n: int, block: int) -> tuple[int, int]:
@@ -207,10 +216,9 @@ def reduce_encode(
     a segment at a time, with the same values as decoding whole chunks first. The native
     kernels (:mod:`shoal.kernels.native`) compute the same bytes where they are built."""
     size = payload_nbytes(codec, n, block)
-    if any(
-        (p.numel() != n) if isinstance(p, torch.Tensor) else (len(p) != size) for p, _ in parts
-    ):  # the native kernels trust the sizes
-        raise ValueError(f"every part of a {codec} chunk of {n} elements must have that size")
+    if any(_bad_part(p, codec, n, size) for p, _ in parts):  # the native kernels trust them
+        kind = f"a payload of {size} bytes" if codec == "int8" else f"{n} fp32 CPU values"
+        raise ValueError(f"every part of a {codec} chunk of {n} elements must be {kind}")
     total = torch.zeros((), dtype=torch.float32)
     for _, w in parts:
         total = total + w
@@ -221,6 +229,14 @@ def reduce_encode(
     return encode_chunk(acc, codec, block)[1]
 
 
+def _bad_part(part: Slot, codec: str, n: int, size: int) -> bool:
+    if isinstance(part, torch.Tensor):
+        return codec == "int8" or (
+            part.numel() != n or part.dtype != torch.float32 or part.device.type != "cpu"
+        )
+    return codec != "int8" or len(part) != size
+
+
 def _reduce_float(
     parts: Sequence[tuple[torch.Tensor, float]], total: torch.Tensor, n: int, alloc: Alloc
 ) -> torch.Tensor:
@@ -229,7 +245,7 @@ def _reduce_float(
     acc = torch.frombuffer(alloc(4 * n), dtype=torch.float32) if n else torch.empty(0)
     if (lib := native.chunk_kernels()) is not None:
         # every buffer the call reads or writes is held by a name until it returns
-        tensors = [t.contiguous() for t, _ in parts]
+        tensors = [t.contiguous() if _aligned(t) else t.clone() for t, _ in parts]
         weights = np.array([w for _, w in parts], dtype=np.float32)
         k = len(tensors)
         bad = np.zeros(k, dtype=np.uint8)
@@ -317,7 +333,7 @@ def decode_into(
     if codec == "fp16":
         dst[:] = np.frombuffer(payload, dtype="<f2")
         return
-    if (lib := native.chunk_kernels()) is not None and n:
+    if (lib := native.chunk_kernels()) is not None and n and _aligned(out):
         held = _native_parts(payload, n, block)
         lib.shoal_int8_decode(held[0].ctypes.data, held[1].ctypes.data, n, block, out.data_ptr())
         return
@@ -339,7 +355,7 @@ def accept_chunk(
     one is decoded to fp32 (an aligned, writable fp32 payload is used in place, without a
     copy), and checked for NaN and infinity by :func:`reduce_encode`, on the pass that
     sums it; an int8 one stays as it came, and its scales are checked here (n / block
-    floats: every code times a finite scale of at most FLOAT_MAX / 127 is finite). Raises
+    floats: every code times a finite scale of at most FLOAT_MAX / 128 is finite). Raises
     :class:`BadContribution` naming the field; allocates only after the header's sizes
     match the expected ones."""
     kind, dtype = _WIRE[codec]
@@ -374,7 +390,7 @@ def accept_chunk(
 
 def _scales_ok(payload: Payload, n: int, block: int) -> bool:
     """An int8 chunk decodes to finite values: every scale is finite and at most
-    FLOAT_MAX / 127 (a NaN or an infinity among the values gives a NaN or infinite scale)."""
+    FLOAT_MAX / 128 (a NaN or an infinity among the values gives a NaN or infinite scale)."""
     scales, _ = _int8_parts(payload, n, block)
     return n == 0 or (all_finite(scales) and bool(scales.abs().amax() <= _INT8_MAX_SCALE))
 
@@ -395,7 +411,9 @@ def encode_contribution(
         _scales_ok(payload, hi - lo, block)
         for (lo, hi), (_, payload) in zip(bounds, chunks, strict=True)
     ):
-        raise BadContribution(peer, "nonfinite", "NaN or infinity in the contribution")
+        raise BadContribution(
+            peer, "nonfinite", "NaN, infinity or |x| > 0.99 x FLOAT_MAX in the contribution"
+        )
     return chunks
 
 

@@ -61,6 +61,7 @@ from shoal.collectives.errors import (
 from shoal.collectives.mux import Collectives, Operation
 from shoal.collectives.star import StarAllReduce
 from shoal.collectives.view import View
+from shoal.kernels import native
 from shoal.transport.buffers import BufferPool
 from shoal.transport.bulk import Bulk, BulkStream
 from shoal.transport.errors import FrameError, FrameTooLarge
@@ -178,6 +179,8 @@ class CollectivesDriver:
                 self.host.libp2p.set_stream_handler(PROTOCOL, self._on_stream)
                 network.register_notifee(notifee)
                 task_status.started()
+                # build (or load) the native chunk kernels now, not in a first operation
+                await trio.to_thread.run_sync(native.chunk_kernels)
                 while True:  # receive buffers idle for a while go back to the OS
                     await trio.sleep(5.0)
                     self._buffers.trim()

@@ -340,8 +340,8 @@ class Bulk:
             raise BulkUnavailable(f"{peer} opened no bulk stream: {exc}") from exc
         port, token, key = (reply.body.get(k) for k in ("port", "token", "key"))
         cipher = reply.body.get("cipher", CHACHA)
-        if cipher not in CIPHERS:
-            raise BulkUnavailable(f"{peer} answered an unknown cipher {str(cipher)[:40]!r}")
+        if cipher not in CIPHERS or cipher not in self.ciphers:
+            raise BulkUnavailable(f"{peer} answered a cipher not offered: {str(cipher)[:40]!r}")
         if not (isinstance(port, int) and 0 < port < 65536):
             raise BulkUnavailable(f"{peer} answered a bad bulk port {port!r}")
         if not (isinstance(token, bytes) and len(token) == 16):

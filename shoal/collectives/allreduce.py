@@ -127,9 +127,15 @@ def reduce_chunk(
 ) -> wire.Payload:
     """The canonical reduction of a chunk of ``n`` elements, encoded with the view's
     codec: sum of w_i * x_i in sorted peer order, in fp32, divided by the sum of the
-    weights (:func:`~shoal.collectives.codec.reduce_encode`)."""
-    parts = [(slots[peer], view.weight(peer)) for peer in sorted(contributors)]
-    return chunk_codec.reduce_encode(parts, view.codec, n, view.block, alloc)
+    weights (:func:`~shoal.collectives.codec.reduce_encode`). Raises
+    :class:`~shoal.collectives.codec.NonFiniteParts` naming the peers whose
+    contributions hold NaN or infinity."""
+    order = sorted(contributors)
+    parts = [(slots[peer], view.weight(peer)) for peer in order]
+    try:
+        return chunk_codec.reduce_encode(parts, view.codec, n, view.block, alloc)
+    except chunk_codec.NonFiniteParts as exc:
+        raise chunk_codec.NonFiniteParts(exc.indices, [order[i] for i in exc.indices]) from exc
 
 
 @dataclass(slots=True)
@@ -511,7 +517,7 @@ class AllReduce(Receiver):
                 n = self.view.chunk_len(c)
                 encoded = reduce_chunk(self.view, tuple(S), slots, n, self._alloc)
             except chunk_codec.NonFiniteParts as exc:
-                for peer in (sorted(S)[i] for i in exc.indices):
+                for peer in exc.peers:
                     self._refuse(peer, BadContribution(peer, "nonfinite", "NaN or infinity"))
                     del slots[peer]
                 return

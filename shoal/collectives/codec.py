@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -89,11 +89,13 @@ def encode_chunk(
 
 
 class NonFiniteParts(ValueError):
-    """Contributions that hold NaN or infinity, found when reduced: their indices."""
+    """Contributions that hold NaN or infinity, found when reduced: their indices, and
+    their senders where the caller named the parts."""
 
-    def __init__(self, indices: list[int]) -> None:
+    def __init__(self, indices: list[int], peers: Sequence[str] = ()) -> None:
         super().__init__(f"NaN or infinity in parts {indices}")
         self.indices = indices
+        self.peers = list(peers)
 
 
 def _tensor(slot: Slot) -> torch.Tensor:
@@ -121,19 +123,19 @@ def _segments(n: int, block: int) -> Iterator[tuple[int, int, int]]:
 def _int8_parts(payload: Payload, n: int, block: int) -> tuple[torch.Tensor, np.ndarray]:
     """An int8 payload's scales (a tensor: a copy, n / block floats) and codes (a numpy
     view of the payload, which may be read-only)."""
-    n_blocks = -(-n // block)
-    scales = torch.from_numpy(np.frombuffer(payload, dtype="<f4", count=n_blocks).copy())
-    return scales, np.frombuffer(payload, dtype=np.int8, offset=4 * n_blocks)
+    scales, codes = _native_parts(payload, n, block)
+    return torch.from_numpy(scales.copy()), codes
 
 
 def _int8_block(flat: torch.Tensor, block: int, alloc: Alloc = bytearray) -> bytearray:
     """``codecs.encode(flat, codec="int8_block")``'s payload: per block
     scale = absmax / 127 (fp32), code = round(x / max(scale, tiny)) (within ±127 without
-    the kernel's clamp: :func:`_int8_encode_into`), the scales then the codes. The same fp32 operations as the kernel, so the same bytes,
-    written straight into the payload: by the native kernel where it is built, else a
-    segment at a time (:func:`_segments`) in one small scratch buffer."""
+    the kernel's clamp: :func:`_int8_encode_into`), the scales then the codes. The same
+    fp32 operations as the kernel, so the same bytes, written straight into the payload:
+    by the native kernel where it is built, else a segment at a time (:func:`_segments`)
+    in one small scratch buffer."""
     n = flat.numel()
-    out = alloc(4 * -(-n // block) + n)
+    out = alloc(payload_nbytes("int8", n, block))
     if (lib := native.chunk_kernels()) is not None and n and _aligned(flat):
         scales, codes = _addresses(out, n, block)
         lib.shoal_int8_encode(flat.data_ptr(), n, block, scales, codes)
@@ -223,7 +225,7 @@ def reduce_encode(
     for _, w in parts:
         total = total + w
     if codec == "int8":
-        payloads = [(p, w) for p, w in parts if not isinstance(p, torch.Tensor)]
+        payloads = [(cast(Payload, p), w) for p, w in parts]  # checked just above
         return _reduce_int8(payloads, total, n, block, alloc)
     acc = _reduce_float([(_tensor(t), w) for t, w in parts], total, n, alloc)
     return encode_chunk(acc, codec, block)[1]

@@ -159,7 +159,7 @@ class StarAllReduce(Receiver):
         try:
             payload = reduce_chunk(self.view, contributors, self._slots, self.numel)
         except chunk_codec.NonFiniteParts as exc:
-            for peer in (contributors[i] for i in exc.indices):
+            for peer in exc.peers:
                 self.rejections.append(BadContribution(peer, "nonfinite", "NaN or infinity"))
                 self._refused.add(peer)
             self._maybe_reduce()  # with the others

@@ -112,14 +112,21 @@ def _load() -> ctypes.CDLL:
 def _key(compiler: list[str], flags: tuple[str, ...]) -> str:
     """A hash of what the library depends on: the source, the flags, the compiler's
     version and this CPU (``-march=native`` code is this CPU's)."""
+    parts = [SOURCE.read_bytes(), " ".join(flags).encode(), _machine(tuple(compiler))]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+@cache
+def _machine(compiler: tuple[str, ...]) -> bytes:
+    """The compiler's version and this CPU (:func:`_cpu`): asked once per process, not
+    once per set of flags tried."""
     try:
         version = subprocess.run(
             [*compiler, "--version"], capture_output=True, text=True, timeout=30, check=False
         ).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    parts = [SOURCE.read_bytes(), " ".join(flags).encode(), version.encode(), _cpu().encode()]
-    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    return f"{version}\0{_cpu()}".encode()
 
 
 def _cpu() -> str:

@@ -19,17 +19,21 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import multiaddr
 import pytest
 import trio
+from libp2p.abc import INetConn, INetwork
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.relay.circuit_v2.dcutr import MAX_HOLE_PUNCH_ATTEMPTS
 
 from shoal.transport.circuit import is_circuit_addr, split_circuit_addr
 from shoal.transport.dialback import DIALBACK, call_dialback
 from shoal.transport.errors import DialError, RemoteError
 from shoal.transport.host import Host, HostConfig, PeerLink, Reachability, open_host
 from shoal.transport.identity import peer_id_of
-from shoal.transport.nat import NatService
+from shoal.transport.nat import NatService, _DCUtR
 from shoal.transport.nat_logic import PunchState
+from shoal.transport.notifee import ConnectionNotifee
 from shoal.transport.rpc import Message, Protocol
 from tests.netns import topology
 from tests.netns.nodes import NsNode, stop_all
@@ -119,12 +123,56 @@ async def test_unreachable_node_reserves_and_is_reached_through_the_relay(psk: s
 
         # DCUtR, started by the relayed connection's inbound end (hidden): the dialer is
         # reachable, so the link turns direct.
-        await _until(lambda: not _link(dialer, hidden).relayed, 15)
+        # The wait allows for a failed punch and its quick retry (NatConfig).
+        await _until(lambda: not _link(dialer, hidden).relayed, 45)
         reply = await dialer.rpc.call(hidden.peer_id, ECHO, Message({}, payload[:1000]))
         assert bytes(reply.payload) == payload[:1000]
         await _until(lambda: _settled(relay_svc, hidden_svc, dialer_svc), 15)
         assert hidden_svc.punches()[str(dialer.peer_id)].state is PunchState.DIRECT
         assert str(hidden.peer_id) not in dialer_svc.punches()  # one end punches
+
+
+async def test_punching_goes_on_after_py_libp2p_would_have_given_up() -> None:
+    """py-libp2p refuses a fourth punch to a peer until it disconnects; NatService's
+    backoff decides instead (docs/nat.md)."""
+    config = HostConfig(key_pair=create_new_key_pair(), listen=("/ip4/127.0.0.1/tcp/0",))
+    async with open_host(config) as host:
+        dcutr = _DCUtR(host.libp2p, dial_timeout=1)
+        peer = peer_id_of(create_new_key_pair())
+        dcutr._hole_punch_attempts[peer] = MAX_HOLE_PUNCH_ATTEMPTS
+        # Not connected: the attempt fails at its first stream, but it is made.
+        assert not await dcutr.initiate_hole_punch(peer)
+        assert dcutr._hole_punch_attempts[peer] == 1
+
+
+class _SlowConnectedNotifee(ConnectionNotifee):
+    """A loaded machine's swarm: it runs its "connected" notifees inline, before a
+    dial returns, and they take a while."""
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        await trio.sleep(0.5)
+
+
+async def test_a_punch_dial_keeps_its_connection_when_the_round_ends() -> None:
+    """A punch round cancels its dials once the swarm lists a direct connection, which it
+    does before running its notifees; a dial cancelled there made the swarm close the
+    connection it had just made (docs/nat.md). Each dial now runs to its own end."""
+
+    def config() -> HostConfig:
+        return HostConfig(key_pair=create_new_key_pair(), listen=("/ip4/127.0.0.1/tcp/0",))
+
+    async with open_host(config()) as a, open_host(config()) as b:
+        b.rpc.serve(ECHO, _echo)
+        a.libp2p.get_network().register_notifee(_SlowConnectedNotifee())
+        dcutr = _DCUtR(a.libp2p, dial_timeout=5)
+        target = multiaddr.Multiaddr(b.listen_addrs()[0])
+        async with trio.open_nursery() as punch_round:
+            punch_round.start_soon(dcutr._dial_peer, b.peer_id, target)
+            await _until(lambda: a.is_connected(b.peer_id), 5)
+            punch_round.cancel_scope.cancel()  # as DCUtR's round does
+        assert a.is_connected(b.peer_id)
+        reply = await a.rpc.call(b.peer_id, ECHO, Message({}, b"still here"))
+        assert bytes(reply.payload) == b"still here"
 
 
 async def test_circuit_dial_to_a_peer_without_reservation_fails_cleanly() -> None:
@@ -244,8 +292,9 @@ def test_cone_nat_relay_then_hole_punch(
     dial_started = time.monotonic()
     a.wait(lambda n: n.link(b), 20, "A connected to B")
     _check_ping(a, b, 256 << 10, seed=7)
-    # DCUtR: the link turns direct, through both NATs, to B's listen port on NAT B.
-    link = a.wait(lambda n: (ln := n.link(b)) and not ln["relayed"] and ln, 30, "A-B direct")
+    # DCUtR: the link turns direct, through both NATs, to B's listen port on NAT B. The
+    # wait allows for a failed punch (3 rounds, 21 s) and its quick retry.
+    link = a.wait(lambda n: (ln := n.link(b)) and not ln["relayed"] and ln, 60, "A-B direct")
     direct_after = time.monotonic() - dial_started
     assert f"/ip4/{topology.NAT_B_IP}/tcp/4001" in link["addrs"], link
     # The relayed connection A opened first is kept as a fallback (DCUtR closes it only

@@ -273,6 +273,38 @@ def test_punch_book_one_at_a_time_and_backoff_after_failure() -> None:
     assert P not in book.outcomes() and book.should_start(P, 84.0)
 
 
+def test_punch_book_retries_quickly_before_backing_off() -> None:
+    book = PunchBook(backoff=Backoff(base=60.0, cap=1800.0), quick_retries=2, quick_delay=3.0)
+    now = 0.0
+    for attempt in (1, 2):  # the quick retries
+        book.started(P, now)
+        book.finished(P, direct=False, now=now + 1.0)
+        assert book.outcomes()[P].attempts == attempt
+        assert not book.should_start(P, now + 3.9) and book.should_start(P, now + 4.0)
+        now += 4.0
+    book.started(P, now)  # the third failure in a row: the backoff's first delay
+    book.finished(P, direct=False, now=now + 1.0)
+    assert not book.should_start(P, now + 60.9) and book.should_start(P, now + 61.0)
+    book.started(P, now + 61.0)
+    book.finished(P, direct=False, now=now + 62.0)
+    assert not book.should_start(P, now + 181.9) and book.should_start(P, now + 182.0)
+    # A success resets both: the next failure is retried quickly again.
+    book.started(P, 500.0)
+    book.finished(P, direct=True, now=501.0)
+    book.started(P, 600.0)
+    book.finished(P, direct=False, now=601.0)
+    assert book.should_start(P, 604.0)
+    # So does the peer leaving.
+    book.forget(P)
+    book.started(P, 700.0)
+    for start in (700.0, 704.0):
+        book.finished(P, direct=False, now=start + 1.0)
+        assert book.should_start(P, start + 4.0)
+        book.started(P, start + 4.0)
+    book.finished(P, direct=False, now=709.0)
+    assert not book.should_start(P, 768.9) and book.should_start(P, 769.0)
+
+
 def test_punch_book_keeps_a_running_attempt_when_the_peer_goes() -> None:
     book = PunchBook(backoff=Backoff(base=60.0, cap=1800.0))
     book.started(P, 0.0)

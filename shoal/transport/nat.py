@@ -41,6 +41,7 @@ from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.exceptions import OpenConnectionError
+from multiaddr import Multiaddr
 
 from shoal.transport.backoff import Backoff
 from shoal.transport.circuit import HOP_PROTOCOL, conn_is_relayed, reserve
@@ -106,7 +107,9 @@ class NatConfig:
     punch_dial_timeout: DCUtR's per-dial timeout (py-libp2p's 10 s default wastes 10 s
         per punch on SYNs the NAT drops; libp2p-notes.md bug 5).
     punch_timeout: upper bound on one whole hole-punch attempt.
-    punch_retry / punch_retry_cap: backoff after a failed punch.
+    punch_quick_retries / punch_quick_delay: the first failures in a row are retried
+        this soon (a punch can fail on timing alone).
+    punch_retry / punch_retry_cap: backoff after the quick retries failed too.
     relay_*: limits of the hop service when this node relays for others.
     tick: how often state is re-examined when no connection event wakes us.
     """
@@ -121,6 +124,8 @@ class NatConfig:
     reservation_refresh_margin: float = 300.0
     punch_dial_timeout: int = 2
     punch_timeout: float = 60.0
+    punch_quick_retries: int = 2
+    punch_quick_delay: float = 3.0
     punch_retry: float = 60.0
     punch_retry_cap: float = 1800.0
     relay_max_reservations: int = 128
@@ -155,7 +160,11 @@ class NatService:
             backoff=Backoff(base=2.0, cap=300.0),
         )
         self._relay_addrs: dict[str, tuple[str, ...]] = {}  # relays we held a slot on
-        self._punches = PunchBook(backoff=Backoff(base=cfg.punch_retry, cap=cfg.punch_retry_cap))
+        self._punches = PunchBook(
+            backoff=Backoff(base=cfg.punch_retry, cap=cfg.punch_retry_cap),
+            quick_retries=cfg.punch_quick_retries,
+            quick_delay=cfg.punch_quick_delay,
+        )
         self._wake_check, self._wake_relays, self._wake_punch = _Wakeup(), _Wakeup(), _Wakeup()
 
     # ---- what others may read -------------------------------------------------------
@@ -423,6 +432,29 @@ class _DCUtR(DCUtRProtocol):
         # 2 s. Two concurrent sessions dial the same 4-tuple from the same listen ports
         # and can fail each other (EADDRNOTAVAIL, libp2p-notes.md bug 5).
         await trio.sleep_forever()
+
+    async def _dial_peer(
+        self,
+        peer_id: ID,
+        addr: Multiaddr,
+        source: tuple[str, int] | None = None,
+        as_responder: bool = False,
+    ) -> None:
+        # A punch round cancels its dials as soon as the swarm lists a direct connection,
+        # and the swarm lists it *before* running its "connected" notifees (pubsub's
+        # among them). A dial cancelled there makes the swarm close the connection it
+        # just made, at both ends, though the punch had worked: under load this lost
+        # the punch (or its relayed connection) in CI. Shielded, each dial runs to its
+        # own end, which its ``dial_timeout`` still bounds.
+        with trio.CancelScope(shield=True):
+            await super()._dial_peer(peer_id, addr, source, as_responder)
+
+    async def initiate_hole_punch(self, peer_id: ID) -> bool:
+        # NatService owns the retry policy. py-libp2p's own budget (3 attempts per peer
+        # until it disconnects) would end punching to a peer for good after the third
+        # failure, though NATs change and the backoff retries for as long as it stays.
+        self._hole_punch_attempts.pop(peer_id, None)
+        return await super().initiate_hole_punch(peer_id)
 
 
 class _Wakeup:

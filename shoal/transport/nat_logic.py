@@ -316,20 +316,32 @@ class PunchOutcome:
 
 
 class PunchBook:
-    """One hole punch at a time per peer; after a failure, retry with backoff.
+    """One hole punch at a time per peer; after a failure, retry soon, then with backoff.
 
-    NATs change (a router reboot, a new mapping policy), so a failed peer is not written
-    off, but punching a symmetric NAT every few seconds would only load the relay.
+    A punch through two cone NATs can fail on timing alone (a relay hiccup during the
+    exchange, a connection that breaks while both ends upgrade it), so the first
+    ``quick_retries`` failures in a row are retried after ``quick_delay`` seconds, as
+    go-libp2p retries a failed punch at once. After that the backoff rules: NATs change
+    (a router reboot, a new mapping policy), so a failed peer is not written off, but
+    punching a symmetric NAT every few seconds would only load the relay.
     """
 
-    def __init__(self, *, backoff: Backoff[str]) -> None:
+    def __init__(
+        self, *, backoff: Backoff[str], quick_retries: int = 0, quick_delay: float = 0.0
+    ) -> None:
         self._backoff = backoff
+        self._quick_retries = quick_retries
+        self._quick_delay = quick_delay
         self._outcomes: dict[str, PunchOutcome] = {}
+        self._failed_in_row: dict[str, int] = {}
+        self._quick_at: dict[str, float] = {}  # a quick retry is due then
 
     def should_start(self, peer: str, now: float) -> bool:
         outcome = self._outcomes.get(peer)
-        running = outcome is not None and outcome.state is PunchState.RUNNING
-        return not running and self._backoff.ready(peer, now)
+        if outcome is not None and outcome.state is PunchState.RUNNING:
+            return False
+        quick_at = self._quick_at.get(peer)
+        return now >= quick_at if quick_at is not None else self._backoff.ready(peer, now)
 
     def started(self, peer: str, now: float) -> None:
         previous = self._outcomes.get(peer)
@@ -339,10 +351,16 @@ class PunchBook:
 
     def finished(self, peer: str, *, direct: bool, now: float) -> None:
         outcome = self._outcomes[peer]
+        self._quick_at.pop(peer, None)
         if direct:
+            self._failed_in_row.pop(peer, None)
             self._backoff.succeeded(peer)
         else:
-            self._backoff.failed(peer, now)
+            failed = self._failed_in_row[peer] = self._failed_in_row.get(peer, 0) + 1
+            if failed <= self._quick_retries:
+                self._quick_at[peer] = now + self._quick_delay
+            else:
+                self._backoff.failed(peer, now)
         state = PunchState.DIRECT if direct else PunchState.FAILED
         self._outcomes[peer] = PunchOutcome(
             state, outcome.attempts, outcome.started_at, now - outcome.started_at
@@ -352,6 +370,8 @@ class PunchBook:
         """The peer is gone: a later relayed connection starts afresh."""
         if peer in self._outcomes and self._outcomes[peer].state is not PunchState.RUNNING:
             del self._outcomes[peer]
+            self._failed_in_row.pop(peer, None)
+            self._quick_at.pop(peer, None)
             self._backoff.succeeded(peer)
 
     def outcomes(self) -> dict[str, PunchOutcome]:

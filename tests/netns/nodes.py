@@ -38,6 +38,10 @@ except e.HTTPError as err:
 
 T = TypeVar("T")
 
+# Nodes started and not yet stopped by stop_all: a failed wait shows all their logs (a
+# punch that fails on A is decided on B).
+_running: list[NsNode] = []
+
 
 @dataclass
 class NsNode:
@@ -76,6 +80,7 @@ class NsNode:
             command += ["--bootstrap", addr]
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        _running.append(self)
         return self
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
@@ -103,19 +108,22 @@ class NsNode:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def log_tail(self, lines: int = 30) -> str:
+        """The last log records, without the indented detail lines of py-libp2p's errors."""
+        records = [ln for ln in self.log().splitlines() if ln and not ln[0].isspace()]
+        return "\n".join(records[-lines:])
+
     def wait(self, probe: Callable[[NsNode], T | None], timeout: float, what: str) -> T:
         """Poll ``probe(self)`` until it returns something truthy; fail with the log."""
         deadline = time.monotonic() + timeout
         while True:
             if self.process is not None and self.process.poll() is not None:
-                raise AssertionError(f"{self.name} exited ({what})\n{self.log()[-4000:]}")
+                raise AssertionError(f"{self.name} exited ({what})\n{_logs(self)}")
             value = probe(self)
             if value:
                 return value
             if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"{self.name}: {what}: not within {timeout}s\n{self.log()[-4000:]}"
-                )
+                raise AssertionError(f"{self.name}: {what}: not within {timeout}s\n{_logs(self)}")
             time.sleep(0.2)
 
     def stop(self) -> None:
@@ -129,9 +137,17 @@ class NsNode:
             self.process.wait(10)
 
 
+def _logs(failed: NsNode) -> str:
+    """Every running node's log tail, the failed wait's own node last."""
+    order = [n for n in _running if n is not failed] + [failed]
+    return "\n".join(f"---- {n.name} ({n.peer_id[-8:]}) ----\n{n.log_tail()}" for n in order)
+
+
 def stop_all(nodes: Sequence[NsNode]) -> None:
     for node in nodes:
         if node.process is not None and node.process.poll() is None:
             node.process.send_signal(signal.SIGTERM)
     for node in nodes:
         node.stop()
+        if node in _running:
+            _running.remove(node)

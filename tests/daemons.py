@@ -69,10 +69,9 @@ class Daemon:
     def peers(self) -> set[str]:
         return {p["peer_id"] for p in self.status()["peers"]}
 
-    def ping(self, peer: str, size: int, seed: int) -> dict[str, Any]:
-        response = httpx.post(
-            f"{self.api}/v1/ping", json={"peer": peer, "bytes": size, "seed": seed}, timeout=120
-        )
+    def ping(self, peer: str, size: int, seed: int, *, bulk: bool = False) -> dict[str, Any]:
+        body = {"peer": peer, "bytes": size, "seed": seed, "bulk": bulk}
+        response = httpx.post(f"{self.api}/v1/ping", json=body, timeout=120)
         return dict(response.json())
 
     def terminate(self, timeout: float = 10.0) -> tuple[int, float]:

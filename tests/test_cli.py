@@ -83,6 +83,10 @@ def test_status_against_a_running_daemon(tmp_path: Path) -> None:
         assert "0 connected peer(s)" in table.output
         bad = httpx.post(f"{node.api}/v1/ping", content=b"{not json", timeout=10)
         assert (bad.status_code, bad.json()["error"]["code"]) == (400, "bad_json")
+        body = {"peer": node.peer_id, "bulk": "yes"}
+        bad = httpx.post(f"{node.api}/v1/ping", json=body, timeout=10)
+        assert (bad.status_code, bad.json()["error"]["code"]) == (400, "bad_request")
+        assert "bulk must be true or false" in bad.json()["error"]["message"]
     finally:
         node.kill()
 

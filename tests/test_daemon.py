@@ -13,7 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+from shoal.node.cli import app
 from tests.daemons import Daemon, wait_for
 
 pytestmark = pytest.mark.slow
@@ -50,7 +52,16 @@ def test_three_daemons_join_and_carry_64_mib(tmp_path: Path, daemons: list[Daemo
     result = b.ping(c.peer_id, size, seed)
     assert result["bytes"] == size
     assert result["sent_sha256"] == result["remote_sha256"] == result["echoed_sha256"] == expected
-    assert result["intact"] is True
+    assert (result["intact"], result["via"]) == (True, "libp2p")
+    # The path tensors take: a bulk stream beside the libp2p connection.
+    result = b.ping(c.peer_id, size, seed, bulk=True)
+    assert result["sent_sha256"] == result["remote_sha256"] == result["echoed_sha256"] == expected
+    assert (result["intact"], result["via"]) == (True, "bulk")
+    shown = CliRunner().invoke(
+        app, ["ping", c.peer_id, "--bulk", "--bytes", "4096", "--api", b.api]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert f"4096 bytes to {c.peer_id} over bulk" in shown.output and "intact" in shown.output
 
 
 def test_identity_persists_and_sigterm_exits_cleanly(tmp_path: Path, daemons: list[Daemon]) -> None:

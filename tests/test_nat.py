@@ -249,8 +249,10 @@ def _punch_result(initiators: list[NsNode], target: NsNode) -> str | None:
     return None
 
 
-def _check_ping(src: NsNode, dst: NsNode, size: int, seed: int) -> dict[str, object]:
-    result = src.ping(dst, size, seed)
+def _check_ping(
+    src: NsNode, dst: NsNode, size: int, seed: int, *, bulk: bool = False
+) -> dict[str, object]:
+    result = src.ping(dst, size, seed, bulk=bulk)
     expected = hashlib.sha256(random.Random(seed).randbytes(size)).hexdigest()
     assert result.get("intact") is True, result
     assert result["sent_sha256"] == result["remote_sha256"] == result["echoed_sha256"] == expected
@@ -303,6 +305,9 @@ def test_cone_nat_relay_then_hole_punch(
     outcome = a.wait(lambda n: _punch_result([a, b], b) or _punch_result([a, b], a), 10, "punch")
     assert outcome.startswith("direct"), outcome
     _check_ping(a, b, 1 << 20, seed=8)
+    # Tensors' path: B's bulk port has no NAT mapping, so the bulk stream is punched too.
+    for seed in (9, 10):  # the second goes straight to punching
+        assert _check_ping(a, b, 4 << 20, seed=seed, bulk=True)["via"] == "bulk"
 
     # Reachability from fresh dial-backs: the relay is public; A, B (NAT) and F (public IP,
     # firewalled: what py-libp2p's AutoNAT calls PUBLIC) are not.
@@ -332,6 +337,7 @@ def test_symmetric_nat_punch_fails_and_relay_carries_rpcs(
     )
     assert outcome.startswith("failed"), outcome
     _check_ping(a, b, 1 << 20, seed=12)
+    assert _check_ping(a, b, 1 << 20, seed=13, bulk=True)["via"] == "libp2p"  # relayed
     link = a.link(b)
     assert link is not None and link["relayed"], link
     assert all(is_circuit_addr(addr) for addr in link["addrs"]), link

@@ -177,6 +177,56 @@ async def test_a_protocol_not_served_in_bulk_is_unavailable() -> None:
             await bulk_a.open(b.peer_id, "/test/other/1")
 
 
+def _closed_port() -> int:
+    """A loopback port nothing listens on (as a NATed peer's bulk port is to others)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_punching_a_peer_that_does_not_dial_back_is_unavailable() -> None:
+    async with pair() as (_, bulk_a, b, bulk_b, receiver):
+        bulk_b.port = _closed_port()
+
+        async def never(local: trio.socket.SocketType, *args: object) -> None:
+            """It answers with a port but never dials from it."""
+            local.close()
+
+        bulk_b._punch_back = never  # type: ignore[method-assign]
+        with pytest.raises(BulkUnavailable, match="punched or not"):
+            await bulk_a.open(b.peer_id, ECHO)
+        with pytest.raises(BulkUnavailable, match="unreachable before"):
+            await bulk_a.open(b.peer_id, ECHO)  # not tried again until it reconnects
+        assert not receiver.done.is_set() and b.peer_id not in bulk_a._punched
+
+
+async def test_an_acceptor_from_before_punching_is_unavailable_at_once() -> None:
+    async with pair() as (_, bulk_a, b, bulk_b, receiver):
+        bulk_b.port = _closed_port()
+
+        async def old_acceptor(peer: ID, request: Message) -> Message:
+            body = {k: v for k, v in request.body.items() if k != "punch"}
+            return await bulk_b._on_open(peer, Message(body))
+
+        b.channels.serve(PROTOCOL, old_acceptor)
+        with pytest.raises(BulkUnavailable, match="does not punch"):
+            await bulk_a.open(b.peer_id, ECHO)
+        with pytest.raises(BulkUnavailable, match="unreachable before"):
+            await bulk_a.open(b.peer_id, ECHO)
+        assert not receiver.done.is_set()
+
+
+@pytest.mark.parametrize("punch", [0, 65536, -1, "80", True, 1.5])
+async def test_a_bad_punch_port_is_refused(punch: object) -> None:
+    async with pair() as (a, _, b, _, _):
+        body = {"t": "open", "proto": ECHO, "punch": punch}
+        with pytest.raises(RemoteError, match="bad_request"):
+            await a.channels.call(b.peer_id, PROTOCOL, Message(body))
+        assert not b.bulk._pending  # type: ignore[union-attr]
+
+
 async def _raw(a: Host, b: Host, bulk_b: Bulk, token: bytes | None) -> trio.SocketStream:
     """A plain TCP connection to b's bulk port that sends ``token`` (None: a real one,
     asked for as an opener that predates the cipher choice does: ChaCha20 is answered)."""

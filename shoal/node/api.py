@@ -44,7 +44,9 @@ class NodeView(Protocol):
 
     def swarm(self) -> dict[str, Any]: ...
 
-    async def ping(self, peer: str, size: int, seed: int) -> dict[str, Any]: ...
+    async def ping(
+        self, peer: str, size: int, seed: int, *, bulk: bool = False
+    ) -> dict[str, Any]: ...
 
     async def dht_servers(self, model_id: str, num_blocks: int) -> dict[str, Any]: ...
 
@@ -81,8 +83,11 @@ def build_api(node: NodeView, extra_routes: Sequence[BaseRoute] = ()) -> Starlet
             return error(400, "bad_request", f"bytes must be an integer in [0, {MAX_PING_BYTES}]")
         if not isinstance(seed, int):
             return error(400, "bad_request", "seed must be an integer")
+        bulk = body.get("bulk", False)
+        if not isinstance(bulk, bool):
+            return error(400, "bad_request", "bulk must be true or false")
         try:
-            return JSONResponse(await node.ping(body["peer"], size, seed))
+            return JSONResponse(await node.ping(body["peer"], size, seed, bulk=bulk))
         except Error as exc:
             return error(502, "peer_failed", str(exc))
 

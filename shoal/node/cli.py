@@ -336,12 +336,16 @@ def swarm(
 def ping(
     peer: Annotated[str, typer.Argument(help="peer id of a connected peer")],
     size: Annotated[int, typer.Option("--bytes", help="payload size")] = 1024,
+    bulk: Annotated[
+        bool, typer.Option("--bulk", help="on the path tensors take (a bulk stream if it can)")
+    ] = False,
     api: Annotated[str, typer.Option(help="the node's API, HOST:PORT or URL")] = DEFAULT_API,
 ) -> None:
     """Send a payload to a peer through a running node and check it comes back intact."""
     url = _api_url(api)
+    body = {"peer": peer, "bytes": size, "bulk": bulk}
     try:
-        response = httpx.post(f"{url}/v1/ping", json={"peer": peer, "bytes": size}, timeout=180)
+        response = httpx.post(f"{url}/v1/ping", json=body, timeout=180)
     except httpx.HTTPError as exc:
         _fail(f"cannot reach the node's API at {url} ({exc}); is `shoal node` running?")
         return
@@ -351,7 +355,8 @@ def ping(
     mbps = 2 * data["bytes"] / data["seconds"] / 1e6 if data["seconds"] else 0.0
     verdict = "intact" if data["intact"] else "[red]CORRUPTED[/]"
     out.print(
-        f"{data['bytes']} bytes to {peer}: {data['seconds'] * 1e3:.2f} ms, {mbps:.1f} MB/s, {verdict}"
+        f"{data['bytes']} bytes to {peer} over {data.get('via', 'libp2p')}: "
+        f"{data['seconds'] * 1e3:.2f} ms, {mbps:.1f} MB/s, {verdict}"
     )
 
 

@@ -186,13 +186,13 @@ class Node:
             raise NodeError(str(exc)) from exc
         return self.discovery.status()
 
-    async def ping(self, peer: str, size: int, seed: int) -> dict[str, Any]:
+    async def ping(self, peer: str, size: int, seed: int, *, bulk: bool = False) -> dict[str, Any]:
         try:
             peer_id = ID.from_base58(peer)
         except Exception as exc:
             raise NodeError(f"{peer!r} is not a peer id") from exc
         payload = random.Random(seed).randbytes(size)
-        result = await call_ping(self.host, peer_id, payload)
+        result = await call_ping(self.host, peer_id, payload, bulk=bulk)
         return {
             "peer": result.peer,
             "bytes": result.size,
@@ -202,6 +202,7 @@ class Node:
             "remote_sha256": result.remote_sha256,
             "echoed_sha256": result.echoed_sha256,
             "intact": result.intact,
+            "via": result.via,
         }
 
 

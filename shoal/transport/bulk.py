@@ -18,7 +18,10 @@ Opening, ``opener`` to ``acceptor``:
    1.4x AES-256's speed, else AES-256), and remembers the token for
    ``TOKEN_TTL`` seconds;
 3. the opener connects to that port at the IP its libp2p connection reaches, and sends
-   the token; the acceptor hands the stream to the protocol's handler.
+   the token; the acceptor hands the stream to the protocol's handler. Where that port
+   cannot be reached (the peer is behind a NAT, the libp2p connection was hole-punched),
+   the opener asks again naming a port of its own and both ends dial each other at once
+   from fresh ports (a TCP simultaneous open); the token goes first as before.
 
 Only the two peers know the key, so a frame that decrypts came from the other one. Frames
 are a 4-byte big-endian length, then the sealed bytes (at most ``FRAME`` plaintext bytes
@@ -28,8 +31,8 @@ a replayed, reordered or dropped frame fails to decrypt (:class:`BulkError`).
 A bulk stream exists only while its libp2p connection does: when the last libp2p
 connection to the peer closes (a departure, a ban, a partition made by refusing the
 peer), its bulk streams are closed too. Peers that cannot reach each other's bulk port
-(a relayed connection, NAT) keep using libp2p streams: :meth:`Bulk.open` raises
-:class:`BulkUnavailable` and the caller falls back.
+either way (a relayed connection, a symmetric NAT) keep using libp2p streams:
+:meth:`Bulk.open` raises :class:`BulkUnavailable` and the caller falls back.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 import trio
 from cryptography.exceptions import InvalidTag
@@ -70,7 +73,11 @@ TOKEN_TTL = 10.0
 MAX_PENDING = 64  # tokens handed out and not used yet, per node
 MAX_PENDING_PER_PEER = 8
 MAX_UNAUTHENTICATED = 64  # connections still to send their token
-CONNECT_TIMEOUT = 1.0  # (a hole-punched peer's bulk port has no NAT mapping: this is lost once)
+CONNECT_TIMEOUT = (
+    1.0  # (a hole-punched peer's bulk port has no NAT mapping: lost once, then punched)
+)
+PUNCH_TIMEOUT = 5.0  # a simultaneous open: a dropped SYN is sent again after 1 s, then 3 s
+PUNCH_RETRY = 0.05  # after a reset (no NAT between: the other end was not dialing yet)
 _LENGTH = struct.Struct(">I")
 
 BulkHandler = Callable[["BulkStream"], Awaitable[None]]
@@ -303,6 +310,18 @@ class _Pending:
     expires: float
 
 
+@dataclass(frozen=True)
+class _Grant:
+    """What an acceptor answers an opener: where to connect, the token, key and cipher,
+    and the port it dials back from when asked to punch."""
+
+    port: int
+    token: bytes
+    key: bytes
+    cipher: str
+    punch: int | None
+
+
 class Bulk:
     """Bulk streams of one host: its listener, the handlers it serves, the streams open."""
 
@@ -313,6 +332,8 @@ class Bulk:
         self._pending: dict[bytes, _Pending] = {}
         self._streams: dict[ID, set[BulkStream]] = {}
         self._unreachable: set[ID] = set()
+        self._punched: set[ID] = set()  # reached by punching: skip the listener
+        self._nursery: trio.Nursery | None = None  # the acceptor's dial-backs
         self._unauthenticated = 0
         #: The ciphers this host takes, in its order of preference.
         self.ciphers = preferred_ciphers()
@@ -327,40 +348,80 @@ class Bulk:
 
     async def open(self, peer: ID, protocol: str) -> BulkStream:
         """A bulk stream to ``peer`` for ``protocol``; :class:`BulkUnavailable` when the
-        peer cannot be reached that way (the caller uses a libp2p stream instead)."""
+        peer cannot be reached that way (the caller uses a libp2p stream instead).
+
+        The opener connects to the peer's bulk port; when that is unreachable (the peer
+        is behind a NAT: the libp2p connection was hole-punched), both ends dial each
+        other at once from fresh ports instead (a TCP simultaneous open, as DCUtR does
+        for libp2p), and the next streams to the peer go that way at once."""
         if peer in self._unreachable:
             raise BulkUnavailable(f"{peer}'s bulk port was unreachable before")
         ip = self._direct_ip(peer)
         if ip is None:
             raise BulkUnavailable(f"no direct TCP connection to {peer}")
+        if peer not in self._punched:
+            grant = await self._request(peer, protocol)
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    sock = await trio.open_tcp_stream(ip, grant.port)
+            except (OSError, trio.TooSlowError) as exc:
+                why = str(exc) or f"no answer in {CONNECT_TIMEOUT} s"
+                log.info("%s's bulk port %s:%d: %s; punching", peer, ip, grant.port, why)
+            else:
+                return await self._opened(sock, peer, protocol, grant)
+        local = await _bound_socket(self._listen_ip())
         try:
-            body = {"t": "open", "proto": protocol, "ciphers": self.ciphers}
+            grant = await self._request(peer, protocol, punch=local.getsockname()[1])
+            if grant.punch is None:  # an acceptor from before punching
+                self._unreachable.add(peer)
+                raise BulkUnavailable(f"{peer}'s bulk port is unreachable and it does not punch")
+            sock = await _simultaneous_open(
+                local, (ip, grant.punch), trio.current_time() + PUNCH_TIMEOUT
+            )
+        except (OSError, trio.TooSlowError) as exc:
+            local.close()
+            self._unreachable.add(peer)
+            raise BulkUnavailable(f"no bulk stream to {peer}, punched or not: {exc}") from exc
+        except BaseException:
+            local.close()
+            raise
+        self._punched.add(peer)
+        return await self._opened(sock, peer, protocol, grant)
+
+    async def _request(self, peer: ID, protocol: str, *, punch: int | None = None) -> _Grant:
+        """Ask ``peer`` for a bulk stream (a token and key), checking what it answers."""
+        body: dict[str, object] = {"t": "open", "proto": protocol, "ciphers": self.ciphers}
+        if punch is not None:
+            body["punch"] = punch
+        try:
             reply = await self.host.channels.call(peer, PROTOCOL, Message(body))
         except RemoteError as exc:
             raise BulkUnavailable(f"{peer} opened no bulk stream: {exc}") from exc
         port, token, key = (reply.body.get(k) for k in ("port", "token", "key"))
         cipher = reply.body.get("cipher", CHACHA)
+        their_punch = reply.body.get("punch")
         if cipher not in CIPHERS or cipher not in self.ciphers:
             raise BulkUnavailable(f"{peer} answered a cipher not offered: {str(cipher)[:40]!r}")
-        if not (isinstance(port, int) and 0 < port < 65536):
+        if not _is_port(port):
             raise BulkUnavailable(f"{peer} answered a bad bulk port {port!r}")
         if not (isinstance(token, bytes) and len(token) == 16):
             raise BulkUnavailable(f"{peer} answered a bad bulk token")
         if not (isinstance(key, bytes) and len(key) == 32):
             raise BulkUnavailable(f"{peer} answered a bad bulk key")
+        if their_punch is not None and not _is_port(their_punch):
+            raise BulkUnavailable(f"{peer} answered a bad punch port {their_punch!r}")
+        return _Grant(port, token, key, str(cipher), their_punch)
+
+    async def _opened(
+        self, sock: trio.SocketStream, peer: ID, protocol: str, grant: _Grant
+    ) -> BulkStream:
         try:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                sock = await trio.open_tcp_stream(ip, port)
-        except (OSError, trio.TooSlowError) as exc:
-            self._unreachable.add(peer)
-            raise BulkUnavailable(f"cannot reach {peer}'s bulk port {ip}:{port}: {exc}") from exc
-        try:
-            await sock.send_all(token)
+            await sock.send_all(grant.token)
         except (OSError, trio.BrokenResourceError) as exc:
             await sock.aclose()
             raise BulkUnavailable(f"{peer}'s bulk port closed on its token: {exc}") from exc
         self.opened[protocol] = self.opened.get(protocol, 0) + 1
-        return self._stream(sock, key, peer, opener=True, cipher=str(cipher))
+        return self._stream(sock, grant.key, peer, opener=True, cipher=grant.cipher)
 
     async def open_or_libp2p(self, peer: ID, protocol: str) -> BulkStream | INetStream:
         """A bulk stream to ``peer`` where it can be had, else a libp2p stream (the
@@ -406,6 +467,9 @@ class Bulk:
         protocol = request.body.get("proto")
         if not isinstance(protocol, str) or protocol not in self._handlers:
             raise RpcError("unsupported_protocol", f"no bulk handler for {str(protocol)[:80]!r}")
+        punch = request.body.get("punch")
+        if punch is not None and not _is_port(punch):
+            raise RpcError("bad_request", f"bad punch port {str(punch)[:20]!r}")
         now = time.monotonic()
         for token in [t for t, p in self._pending.items() if p.expires < now]:
             del self._pending[token]
@@ -414,8 +478,30 @@ class Bulk:
             raise RpcError("busy", "too many bulk streams being opened; use libp2p")
         token, key = os.urandom(16), os.urandom(32)
         cipher = choose_cipher(request.body.get("ciphers"), self.ciphers)
+        reply = {"port": self.port, "token": token, "key": key, "cipher": cipher}
+        if punch is not None:
+            ip = self._direct_ip(peer)
+            if ip is None or self._nursery is None:
+                raise RpcError("unavailable", "no direct connection to punch through")
+            # Dialing back only ever goes to the IP the opener's own connection comes from.
+            local = await _bound_socket(self._listen_ip())
+            reply["punch"] = local.getsockname()[1]
+            deadline = trio.current_time() + PUNCH_TIMEOUT
+            self._nursery.start_soon(self._punch_back, local, (ip, punch), deadline, peer)
         self._pending[token] = _Pending(peer, protocol, key, cipher, now + TOKEN_TTL)
-        return Message({"port": self.port, "token": token, "key": key, "cipher": cipher})
+        return Message(reply)
+
+    async def _punch_back(
+        self, local: trio.socket.SocketType, remote: tuple[str, int], deadline: float, peer: ID
+    ) -> None:
+        """The acceptor's half of a simultaneous open; the stream then goes as one that
+        arrived at the listener (its token first)."""
+        try:
+            sock = await _simultaneous_open(local, remote, deadline)
+        except (OSError, trio.TooSlowError) as exc:
+            log.info("bulk punch from %s at %s:%d failed: %s", peer, *remote, exc)
+            return
+        await self._on_connection(sock)
 
     async def _on_connection(self, sock: trio.SocketStream) -> None:
         if self._unauthenticated >= MAX_UNAUTHENTICATED:
@@ -465,9 +551,12 @@ class Bulk:
         self.host.libp2p.get_network().register_notifee(notifee)
         self.host.channels.serve(PROTOCOL, self._on_open)
         try:
-            task_status.started()
-            await trio.serve_listeners(self._on_connection, listeners)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.serve_listeners(self._on_connection, listeners)
         finally:
+            self._nursery = None
             notifee.active = False
             for peer in list(self._streams):
                 await self._close_peer(peer)
@@ -494,6 +583,52 @@ class _Closer(ConnectionNotifee):
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
         self.bulk._unreachable.discard(conn.muxed_conn.peer_id)
+        self.bulk._punched.discard(conn.muxed_conn.peer_id)
+
+
+def _is_port(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536
+
+
+async def _bound_socket(ip: str, port: int = 0) -> trio.socket.SocketType:
+    """A TCP socket bound to ``ip:port`` (port 0: a fresh one), to dial from."""
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    try:
+        # Rebinding the port after a refused attempt (nothing lingers: never connected).
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        await sock.bind((ip, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _simultaneous_open(
+    sock: trio.socket.SocketType, remote: tuple[str, int], deadline: float
+) -> trio.SocketStream:
+    """Connect ``sock`` to ``remote``, which dials us back at the same time.
+
+    Through NATs each end's SYN opens its own NAT's mapping and the other's SYN passes
+    it (a SYN dropped before that is sent again by the kernel). Without a NAT between
+    them, a SYN that arrives before the other end dials is answered with a reset: try
+    again, from the same port, until ``deadline`` (trio's clock). Consumes ``sock``.
+    """
+    ip, port = sock.getsockname()[:2]
+    try:
+        while True:
+            try:
+                with trio.fail_at(deadline):
+                    await sock.connect(remote)
+                return trio.SocketStream(sock)
+            except (ConnectionRefusedError, ConnectionResetError):
+                sock.close()
+                if trio.current_time() + PUNCH_RETRY >= deadline:
+                    raise
+                await trio.sleep(PUNCH_RETRY)
+                sock = await _bound_socket(ip, port)
+    except BaseException:
+        sock.close()
+        raise
 
 
 __all__ = ["FRAME", "PROTOCOL", "Bulk", "BulkError", "BulkStream", "BulkUnavailable"]

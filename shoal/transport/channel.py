@@ -341,6 +341,16 @@ class Channels:
                     link.closed = True
                     await link.framed.aclose()
 
+    def carrier(self, peer: ID, proto: ChannelProtocol) -> str | None:
+        """What carries the open stream to ``peer`` for ``proto``: "bulk", "libp2p", or
+        None when none is open."""
+        from shoal.transport.bulk import BulkStream  # (bulk.py imports this module)
+
+        link = self._links.get((str(peer), proto.id))
+        if link is None or link.closed:
+            return None
+        return "bulk" if isinstance(link.framed.stream, BulkStream) else "libp2p"
+
     def streams(self) -> int:
         """Open outgoing channel streams."""
         return sum(1 for link in self._links.values() if not link.closed)

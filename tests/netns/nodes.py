@@ -100,10 +100,9 @@ class NsNode:
         status = self.status() or {"peers": []}
         return next((p for p in status["peers"] if p["peer_id"] == peer.peer_id), None)
 
-    def ping(self, peer: NsNode, size: int, seed: int) -> dict[str, Any]:
-        return dict(
-            self.api("POST", "/v1/ping", {"peer": peer.peer_id, "bytes": size, "seed": seed})
-        )
+    def ping(self, peer: NsNode, size: int, seed: int, *, bulk: bool = False) -> dict[str, Any]:
+        body = {"peer": peer.peer_id, "bytes": size, "seed": seed, "bulk": bulk}
+        return dict(self.api("POST", "/v1/ping", body))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -305,9 +305,9 @@ def test_cone_nat_relay_then_hole_punch(
     outcome = a.wait(lambda n: _punch_result([a, b], b) or _punch_result([a, b], a), 10, "punch")
     assert outcome.startswith("direct"), outcome
     _check_ping(a, b, 1 << 20, seed=8)
-    # Tensors' path: B's bulk port has no NAT mapping, so the bulk stream is punched too.
-    for seed in (9, 10):  # the second goes straight to punching
-        assert _check_ping(a, b, 4 << 20, seed=seed, bulk=True)["via"] == "bulk"
+    # Tensors' path: B's bulk port has no NAT mapping, so the bulk stream is punched too
+    # (the ping channel then keeps that stream; tests/test_transport_bulk.py opens more).
+    assert _check_ping(a, b, 4 << 20, seed=9, bulk=True)["via"] == "bulk"
 
     # Reachability from fresh dial-backs: the relay is public; A, B (NAT) and F (public IP,
     # firewalled: what py-libp2p's AutoNAT calls PUBLIC) are not.

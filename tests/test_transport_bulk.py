@@ -22,7 +22,9 @@ from shoal.transport.bulk import (
     AES128,
     CHACHA,
     FRAME,
+    MAX_PENDING_PER_PEER,
     PROTOCOL,
+    UNREACHABLE_RETRY,
     Bulk,
     BulkError,
     BulkStream,
@@ -186,19 +188,69 @@ def _closed_port() -> int:
         return int(probe.getsockname()[1])
 
 
+async def _echo_digest(stream: BulkStream, payload: bytes) -> bytes:
+    await stream.write(payload)
+    await stream.sock.send_eof()
+    with trio.fail_after(10):
+        digest = await stream.read()
+    await stream.close()
+    return bytes(digest)
+
+
+async def test_an_unreachable_bulk_port_is_punched_through(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    payload = os.urandom(FRAME + 4321)
+    async with pair() as (_, bulk_a, b, bulk_b, receiver):
+        bulk_b.port = _closed_port()  # its listener cannot be reached: both ends dial
+        with caplog.at_level("INFO", logger="shoal.transport.bulk"):
+            for _ in range(3):
+                stream = await bulk_a.open(b.peer_id, ECHO)
+                assert await _echo_digest(stream, payload) == hashlib.sha256(payload).digest()
+        assert receiver.received == [payload] * 3
+        assert bulk_a.opened[ECHO] == 3 and b.peer_id in bulk_a._punched
+        # Only the first open tried the listener; the others went straight to punching.
+        assert sum("punching" in r.getMessage() for r in caplog.records) == 1
+        with trio.fail_after(5):  # every punch-back has ended, its sockets closed
+            while bulk_b._punching:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+
+
+async def test_punch_backs_a_peer_leaves_running_are_capped() -> None:
+    """A peer that asks for punches and then uses each token at the listener must not
+    pile up the acceptor's dial-back sockets."""
+    async with pair() as (a, _, b, bulk_b, _):
+        body = {"t": "open", "proto": ECHO, "punch": _closed_port()}  # resets until the deadline
+        for _ in range(MAX_PENDING_PER_PEER):
+            reply = await a.channels.call(b.peer_id, PROTOCOL, Message(body))
+            async with await trio.open_tcp_stream("127.0.0.1", bulk_b.port) as sock:
+                await sock.send_all(reply.body["token"])  # the token slot is free again
+        with trio.fail_after(5):
+            while bulk_b._pending:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        assert bulk_b._punching == {a.peer_id: MAX_PENDING_PER_PEER}
+        with pytest.raises(RemoteError, match="too many bulk punches"):
+            await a.channels.call(b.peer_id, PROTOCOL, Message(body))
+
+
 async def test_punching_a_peer_that_does_not_dial_back_is_unavailable() -> None:
     async with pair() as (_, bulk_a, b, bulk_b, receiver):
         bulk_b.port = _closed_port()
 
-        async def never(local: trio.socket.SocketType, *args: object) -> None:
-            """It answers with a port but never dials from it."""
-            local.close()
+        async def never(
+            dialer: trio.socket.SocketType, listener: trio.socket.SocketType, *args: object
+        ) -> None:
+            """It answers with a port but never dials from it nor listens on it."""
+            dialer.close()
+            listener.close()
 
         bulk_b._punch_back = never  # type: ignore[method-assign]
         with pytest.raises(BulkUnavailable, match="punched or not"):
             await bulk_a.open(b.peer_id, ECHO)
         with pytest.raises(BulkUnavailable, match="unreachable before"):
-            await bulk_a.open(b.peer_id, ECHO)  # not tried again until it reconnects
+            await bulk_a.open(b.peer_id, ECHO)  # not tried again for a while
+        wait = bulk_a._unreachable.retry_at(b.peer_id) - trio.current_time()  # type: ignore[operator]
+        assert UNREACHABLE_RETRY - 10 < wait <= UNREACHABLE_RETRY
         assert not receiver.done.is_set() and b.peer_id not in bulk_a._punched
 
 
@@ -274,7 +326,7 @@ async def test_the_stream_closes_with_the_libp2p_connection() -> None:
         with trio.fail_after(5):
             await receiver.done.wait()
         assert receiver.received == [] and receiver.ended[0] is not None
-        with pytest.raises(BulkUnavailable, match="no direct TCP connection"):
+        with pytest.raises(BulkUnavailable, match="no direct IPv4 TCP connection"):
             await bulk_a.open(b.peer_id, ECHO)
 
 

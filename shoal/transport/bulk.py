@@ -52,6 +52,7 @@ from libp2p.abc import INetConn, INetStream, INetwork
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
+from shoal.transport.backoff import Backoff
 from shoal.transport.channel import ChannelProtocol
 from shoal.transport.circuit import conn_is_relayed
 from shoal.transport.errors import BulkError, BulkUnavailable, RemoteError, RpcError
@@ -77,7 +78,8 @@ CONNECT_TIMEOUT = (
     1.0  # (a hole-punched peer's bulk port has no NAT mapping: lost once, then punched)
 )
 PUNCH_TIMEOUT = 5.0  # a simultaneous open: a dropped SYN is sent again after 1 s, then 3 s
-PUNCH_RETRY = 0.05  # after a reset (no NAT between: the other end was not dialing yet)
+PUNCH_RETRY = 0.05  # after a reset (no NAT between: the other end was not listening yet)
+UNREACHABLE_RETRY = 60.0  # first wait before a peer whose bulk port was unreachable is retried
 _LENGTH = struct.Struct(">I")
 
 BulkHandler = Callable[["BulkStream"], Awaitable[None]]
@@ -331,9 +333,12 @@ class Bulk:
         self._handlers: dict[str, BulkHandler] = {}
         self._pending: dict[bytes, _Pending] = {}
         self._streams: dict[ID, set[BulkStream]] = {}
-        self._unreachable: set[ID] = set()
+        # Peers whose bulk port neither a connect nor a punch reached: not tried again
+        # until the backoff allows (a punch can fail on timing alone) or they reconnect.
+        self._unreachable: Backoff[ID] = Backoff(base=UNREACHABLE_RETRY, cap=30 * 60.0)
         self._punched: set[ID] = set()  # reached by punching: skip the listener
         self._nursery: trio.Nursery | None = None  # the acceptor's dial-backs
+        self._punching: dict[ID, int] = {}  # dial-backs running, per peer
         self._unauthenticated = 0
         #: The ciphers this host takes, in its order of preference.
         self.ciphers = preferred_ciphers()
@@ -354,11 +359,11 @@ class Bulk:
         is behind a NAT: the libp2p connection was hole-punched), both ends dial each
         other at once from fresh ports instead (a TCP simultaneous open, as DCUtR does
         for libp2p), and the next streams to the peer go that way at once."""
-        if peer in self._unreachable:
+        if not self._unreachable.ready(peer, trio.current_time()):
             raise BulkUnavailable(f"{peer}'s bulk port was unreachable before")
         ip = self._direct_ip(peer)
         if ip is None:
-            raise BulkUnavailable(f"no direct TCP connection to {peer}")
+            raise BulkUnavailable(f"no direct IPv4 TCP connection to {peer}")
         if peer not in self._punched:
             grant = await self._request(peer, protocol)
             try:
@@ -373,19 +378,20 @@ class Bulk:
         try:
             grant = await self._request(peer, protocol, punch=local.getsockname()[1])
             if grant.punch is None:  # an acceptor from before punching
-                self._unreachable.add(peer)
+                self._unreachable.failed(peer, trio.current_time())
                 raise BulkUnavailable(f"{peer}'s bulk port is unreachable and it does not punch")
             sock = await _simultaneous_open(
                 local, (ip, grant.punch), trio.current_time() + PUNCH_TIMEOUT
             )
         except (OSError, trio.TooSlowError) as exc:
             local.close()
-            self._unreachable.add(peer)
+            self._unreachable.failed(peer, trio.current_time())
             raise BulkUnavailable(f"no bulk stream to {peer}, punched or not: {exc}") from exc
         except BaseException:
             local.close()
             raise
         self._punched.add(peer)
+        self._unreachable.succeeded(peer)
         return await self._opened(sock, peer, protocol, grant)
 
     async def _request(self, peer: ID, protocol: str, *, punch: int | None = None) -> _Grant:
@@ -420,6 +426,9 @@ class Bulk:
         except (OSError, trio.BrokenResourceError) as exc:
             await sock.aclose()
             raise BulkUnavailable(f"{peer}'s bulk port closed on its token: {exc}") from exc
+        except BaseException:
+            sock.socket.close()
+            raise
         self.opened[protocol] = self.opened.get(protocol, 0) + 1
         return self._stream(sock, grant.key, peer, opener=True, cipher=grant.cipher)
 
@@ -433,11 +442,13 @@ class Bulk:
         return await self.host.libp2p.new_stream(peer, [TProtocol(protocol)])
 
     def _direct_ip(self, peer: ID) -> str | None:
+        """The IPv4 address of a direct libp2p connection to ``peer`` (the bulk listener
+        and punch sockets are IPv4)."""
         for conn in self.host.libp2p.get_network().connections.get(peer, ()):
             if conn_is_relayed(conn):
                 continue
             remote = conn.muxed_conn.get_remote_address()
-            if remote:
+            if remote and ":" not in str(remote[0]):
                 return str(remote[0])
         return None
 
@@ -483,25 +494,86 @@ class Bulk:
             ip = self._direct_ip(peer)
             if ip is None or self._nursery is None:
                 raise RpcError("unavailable", "no direct connection to punch through")
+            mine = self._punching.get(peer, 0)
+            if sum(self._punching.values()) >= MAX_PENDING or mine >= MAX_PENDING_PER_PEER:
+                raise RpcError("busy", "too many bulk punches running; use libp2p")
             # Dialing back only ever goes to the IP the opener's own connection comes from.
-            local = await _bound_socket(self._listen_ip())
-            reply["punch"] = local.getsockname()[1]
+            dialer = await _bound_socket(self._listen_ip(), reuse_port=True)
+            port = dialer.getsockname()[1]
+            try:
+                listener = await _bound_socket(self._listen_ip(), port, reuse_port=True)
+            except BaseException:
+                dialer.close()
+                raise
+            try:
+                listener.listen(1)
+            except BaseException:
+                dialer.close()
+                listener.close()
+                raise
+            reply["punch"] = port
+            self._punching[peer] = mine + 1
             deadline = trio.current_time() + PUNCH_TIMEOUT
-            self._nursery.start_soon(self._punch_back, local, (ip, punch), deadline, peer)
+            self._nursery.start_soon(
+                self._punch_back, dialer, listener, (ip, punch), deadline, peer
+            )
         self._pending[token] = _Pending(peer, protocol, key, cipher, now + TOKEN_TTL)
         return Message(reply)
 
     async def _punch_back(
-        self, local: trio.socket.SocketType, remote: tuple[str, int], deadline: float, peer: ID
+        self,
+        dialer: trio.socket.SocketType,
+        listener: trio.socket.SocketType,
+        remote: tuple[str, int],
+        deadline: float,
+        peer: ID,
     ) -> None:
-        """The acceptor's half of a simultaneous open; the stream then goes as one that
-        arrived at the listener (its token first)."""
+        """The acceptor's half of a punch: dial the opener from the punch port and, on the
+        same port, take its dial if it arrives first (where nothing filters, as on a LAN,
+        its SYN meets the listener instead of a reset). The stream then goes as one that
+        arrived at the bulk listener: its token first."""
+        won: list[trio.SocketStream] = []
         try:
-            sock = await _simultaneous_open(local, remote, deadline)
-        except (OSError, trio.TooSlowError) as exc:
-            log.info("bulk punch from %s at %s:%d failed: %s", peer, *remote, exc)
+            async with trio.open_nursery() as race:
+
+                async def dial() -> None:
+                    try:
+                        won.append(await _simultaneous_open(dialer, remote, deadline))
+                    except trio.TooSlowError:
+                        pass
+                    except OSError:
+                        # Resets to the end, or the 4-tuple taken: the listener's
+                        # accepted connection (the race's other half) is the stream.
+                        await trio.sleep_until(deadline)
+                    race.cancel_scope.cancel()
+
+                async def accept() -> None:
+                    while True:
+                        try:
+                            sock, address = await listener.accept()
+                        except OSError as exc:  # (out of descriptors): the dial goes on
+                            log.info("bulk punch port of %s: %s", peer, exc)
+                            return
+                        if tuple(address[:2]) == remote:
+                            won.append(trio.SocketStream(sock))
+                            race.cancel_scope.cancel()
+                            return
+                        sock.close()  # someone else found the port
+
+                race.start_soon(dial)
+                race.start_soon(accept)
+                race.cancel_scope.deadline = deadline
+        finally:
+            listener.close()  # (the dialer is _simultaneous_open's: the stream's, or closed)
+            self._punching[peer] -= 1
+            if not self._punching[peer]:
+                del self._punching[peer]
+        if not won:
+            log.info("bulk punch from %s at %s:%d: no connection", peer, *remote)
             return
-        await self._on_connection(sock)
+        for extra in won[1:]:
+            await extra.aclose()
+        await self._on_connection(won[0])
 
     async def _on_connection(self, sock: trio.SocketStream) -> None:
         if self._unauthenticated >= MAX_UNAUTHENTICATED:
@@ -529,6 +601,10 @@ class Bulk:
         now = time.monotonic()
         if pending is None or pending.expires < now or pending.peer in self.host.refused:
             log.info("bulk connection with an unknown or expired token: closed")
+            await sock.aclose()
+            return
+        if not self.host.is_connected(pending.peer):  # gone since: nothing would close it
+            log.info("bulk connection from %s, no longer connected: closed", pending.peer)
             await sock.aclose()
             return
         handler = self._handlers.get(pending.protocol)
@@ -582,20 +658,26 @@ class _Closer(ConnectionNotifee):
             await self.bulk._close_peer(peer)
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
-        self.bulk._unreachable.discard(conn.muxed_conn.peer_id)
-        self.bulk._punched.discard(conn.muxed_conn.peer_id)
+        if not conn_is_relayed(conn):  # a new direct path: try the listener again
+            self.bulk._unreachable.succeeded(conn.muxed_conn.peer_id)
+            self.bulk._punched.discard(conn.muxed_conn.peer_id)
 
 
 def _is_port(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536
 
 
-async def _bound_socket(ip: str, port: int = 0) -> trio.socket.SocketType:
-    """A TCP socket bound to ``ip:port`` (port 0: a fresh one), to dial from."""
+async def _bound_socket(
+    ip: str, port: int = 0, *, reuse_port: bool = False
+) -> trio.socket.SocketType:
+    """A TCP socket bound to ``ip:port`` (port 0: a fresh one), to dial from;
+    ``reuse_port``: one that may share its port with a listener."""
     sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
     try:
         # Rebinding the port after a refused attempt (nothing lingers: never connected).
         sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
         await sock.bind((ip, port))
     except BaseException:
         sock.close()
@@ -614,6 +696,7 @@ async def _simultaneous_open(
     again, from the same port, until ``deadline`` (trio's clock). Consumes ``sock``.
     """
     ip, port = sock.getsockname()[:2]
+    reuse_port = bool(sock.getsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT))
     try:
         while True:
             try:
@@ -625,7 +708,7 @@ async def _simultaneous_open(
                 if trio.current_time() + PUNCH_RETRY >= deadline:
                     raise
                 await trio.sleep(PUNCH_RETRY)
-                sock = await _bound_socket(ip, port)
+                sock = await _bound_socket(ip, port, reuse_port=reuse_port)
     except BaseException:
         sock.close()
         raise

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import multiaddr
 import pytest
@@ -25,12 +29,16 @@ import trio
 from libp2p.abc import INetConn, INetwork
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.relay.circuit_v2.dcutr import MAX_HOLE_PUNCH_ATTEMPTS
+from training_peer import CORPUS, write_checkpoint
 
+from shoal.state.document import SwarmState
+from shoal.state.store import load_state, state_path
+from shoal.training.runlog import SECTION
 from shoal.transport.circuit import is_circuit_addr, split_circuit_addr
 from shoal.transport.dialback import DIALBACK, call_dialback
 from shoal.transport.errors import DialError, RemoteError
 from shoal.transport.host import Host, HostConfig, PeerLink, Reachability, open_host
-from shoal.transport.identity import peer_id_of
+from shoal.transport.identity import load_or_create_identity, peer_id_of
 from shoal.transport.nat import NatService, _DCUtR
 from shoal.transport.nat_logic import PunchState
 from shoal.transport.notifee import ConnectionNotifee
@@ -342,3 +350,71 @@ def test_symmetric_nat_punch_fails_and_relay_carries_rpcs(
     assert link is not None and link["relayed"], link
     assert all(is_circuit_addr(addr) for addr in link["addrs"]), link
     a.wait(lambda n: _reachability(n, "private"), 20, "A PRIVATE")
+
+
+def _train(
+    name: str, namespace: str, ip: str, root: Path, model: Path, *args: str
+) -> subprocess.Popen[bytes]:
+    """``shoal train`` in ``namespace`` (3 rounds of 5 inner steps on shard ``--shard``)."""
+    command = [
+        "ip", "netns", "exec", namespace,
+        sys.executable, "-m", "shoal.node.cli", "train", "--run", "nat-run",
+        "--model", str(model), "--data", str(CORPUS), "--inner-steps", "5", "--rounds", "3",
+        "--batch", "4", "--seq", "32", "--shards", "3",
+        "--listen", f"/ip4/{ip}/tcp/4001", "--data-dir", str(root / name), *args,
+    ]  # fmt: skip
+    with (root / f"{name}.out").open("wb") as out, (root / f"{name}.err").open("wb") as err:
+        return subprocess.Popen(command, stdout=out, stderr=err)
+
+
+def _own_run_entry(data_dir: Path) -> dict[str, Any]:
+    """What a peer recorded of the run in its own document of its saved swarm state."""
+    me = str(peer_id_of(load_or_create_identity(data_dir)))
+    state = SwarmState("main", create_new_key_pair())
+    assert load_state(state, state_path(data_dir, "main")) > 0
+    return dict(state.section(SECTION)[me]["nat-run"])
+
+
+@netns
+@pytest.mark.netns
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_diloco_across_two_nats_keeps_every_peer_in_every_round(
+    cone_nat: None, tmp_path: Path
+) -> None:
+    """A founder with a public address (it relays), A and B each behind its own NAT: every
+    round has all three members, and all end with the same state. Before the joiners
+    waited for their relayed address, A and B knew only each other's private address,
+    dropped each other from round 1, and one of them trained alone."""
+    model = write_checkpoint(tmp_path / "tiny")
+    (tmp_path / "relay.toml").write_text("relay = true\n")
+    procs = {"f": _train("f", topology.PUB, topology.RELAY_IP, tmp_path, model,
+                         "--shard", "0", "--min-peers", "3", "--config", str(tmp_path / "relay.toml"))}  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (found := re.search(r"--bootstrap (\S+)", (tmp_path / "f.err").read_text())):
+            assert procs["f"].poll() is None, (tmp_path / "f.err").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the founder printed no address"
+            time.sleep(0.2)
+        for name, namespace, ip, shard in (
+            ("a", topology.LAN_A, topology.A_IP, "1"),
+            ("b", topology.LAN_B, topology.B_IP, "2"),
+        ):
+            args = ("--shard", shard, "--bootstrap", found.group(1))
+            procs[name] = _train(name, namespace, ip, tmp_path, model, *args)
+        for name in ("a", "b", "f"):
+            code = procs[name].wait(400)
+            assert code == 0, (tmp_path / f"{name}.err").read_text()[-3000:]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    entries = {name: _own_run_entry(tmp_path / name) for name in ("f", "a", "b")}
+    everyone = sorted(str(peer_id_of(load_or_create_identity(tmp_path / n))) for n in entries)
+    for name, entry in entries.items():
+        assert entry["round"] == 3 and sorted(entry["members"]) == everyone, (name, entry)
+        assert sorted(entry["hashes"], key=int) == ["1", "2", "3"], (name, entry)
+    assert entries["a"]["hashes"] == entries["b"]["hashes"] == entries["f"]["hashes"]
+    final = {re.search(r"state hash (\w+)", (tmp_path / f"{n}.out").read_text()) for n in entries}
+    assert {m.group(1) for m in final if m} == {entries["f"]["hashes"]["3"]}

@@ -5,7 +5,6 @@ say what to do."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import subprocess
 import sys
@@ -16,32 +15,16 @@ import pytest
 import torch
 from libp2p.crypto.ed25519 import create_new_key_pair
 from safetensors import safe_open
-from safetensors.torch import save_file
-from training_peer import CORPUS, TINY, tiny_model
+from training_peer import CORPUS, TINY, write_checkpoint
 from typer.testing import CliRunner
 
 from shoal.node.cli import app
 from shoal.node.train import TrainOptions, build_peer
-from shoal.pipeline.config import ModelConfig
-from shoal.pipeline.loading import checkpoint_names
 from shoal.state.document import SwarmState
 from shoal.state.store import load_state, state_path
 from shoal.training.runlog import hashes_at
 
 runner = CliRunner()
-
-
-def write_checkpoint(directory: Path, config: ModelConfig = TINY) -> Path:
-    """A tiny random model as a Hugging Face checkpoint directory (config + safetensors)."""
-    directory.mkdir(exist_ok=True)
-    model = tiny_model(3, config)
-    (directory / "config.json").write_text(json.dumps(config.to_hf()))
-    names = checkpoint_names(model)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, param in model.state_dict().items():  # a tied head is the embedding
-        tensors.setdefault(names[name], param.detach().clone().contiguous())
-    save_file(tensors, str(directory / "model.safetensors"))
-    return directory
 
 
 @pytest.fixture(scope="module")

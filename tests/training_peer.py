@@ -27,10 +27,12 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from peer_files import poll, read_json, write_json
+from safetensors.torch import save_file
 
 from shoal.collectives import Member
 from shoal.collectives.driver import DriverConfig, open_collectives
 from shoal.pipeline.config import ModelConfig
+from shoal.pipeline.loading import checkpoint_names
 from shoal.pipeline.model import DecoderSpan, Span
 from shoal.training.data import Batches, byte_tokens, held_out_loss, shard, split_held_out
 from shoal.training.diloco import DilocoConfig, DilocoPeer
@@ -63,6 +65,19 @@ def tiny_model(seed: int = 0, config: ModelConfig = TINY) -> DecoderSpan:
         if config.tie_word_embeddings:
             model.tie_weights()
     return model
+
+
+def write_checkpoint(directory: Path, config: ModelConfig = TINY) -> Path:
+    """A tiny random model as a Hugging Face checkpoint directory (config + safetensors)."""
+    directory.mkdir(exist_ok=True)
+    model = tiny_model(3, config)
+    (directory / "config.json").write_text(json.dumps(config.to_hf()))
+    names = checkpoint_names(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, param in model.state_dict().items():  # a tied head is the embedding
+        tensors.setdefault(names[name], param.detach().clone().contiguous())
+    save_file(tensors, str(directory / "model.safetensors"))
+    return directory
 
 
 # ---- the multi-process worker: ``python tests/training_peer.py CONFIG.json`` ----------

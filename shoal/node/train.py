@@ -34,6 +34,7 @@ from shoal.training.diloco import DilocoConfig, DilocoPeer
 from shoal.training.init import init_weights
 from shoal.training.run import RunConfig, RunEvent, TrainingRun, run_local
 from shoal.training.runlog import SECTION, RoundRecord, run_entry
+from shoal.transport.host import Host, Reachability
 from shoal.transport.logs import route_libp2p_logs
 
 BYTE_VOCAB = 258  # 256 bytes, BOS, EOS: shoal-tiny's byte-level tokenizer
@@ -217,6 +218,23 @@ def _summary(
     }
 
 
+ADDRESS_WAIT = 15.0  # at most, before a joiner gives the run its addresses
+
+
+async def _addresses_settled(host: Host, seconds: float) -> None:
+    """Wait until this node knows whether others can reach it and, behind a NAT, holds a
+    relayed address: its READY gives the run's members the addresses they dial it at,
+    and peers behind other NATs reach it only through the relay (then DCUtR). Without
+    the wait a joiner behind a NAT gave only its private address, and the others dropped
+    it from its first round (tests/test_nat.py, the DiLoCo run across two NATs)."""
+    with trio.move_on_after(seconds):
+        # Polling: reachability is a plain attribute that NatService sets.
+        while host.reachability is Reachability.UNKNOWN or (  # noqa: ASYNC110
+            host.reachability is Reachability.PRIVATE and not host.relayed_addrs
+        ):
+            await trio.sleep(0.1)
+
+
 async def train_swarm(
     options: TrainOptions,
     config: NodeConfig,
@@ -239,6 +257,8 @@ async def train_swarm(
         bootstrap_ids = []
         for addr in bootstrap:
             bootstrap_ids.append(str(await node.host.connect(addr)))
+        if bootstrap:
+            await _addresses_settled(node.host, ADDRESS_WAIT)
         if not bootstrap:
             console.print(
                 f"founded run {options.run}; other peers join with:\n"

@@ -234,12 +234,23 @@ class TrainingRun:
         """Dial the peers this host has no connection to (addresses from the book)."""
 
         async def dial(peer: str) -> None:
-            for addr in self.addrs.get(peer, ()):
-                try:
-                    await self.host.connect(addr)
-                    return
-                except DialError as exc:
-                    log.info("%s: cannot dial %s: %s", self.me[-8:], peer[-8:], exc)
+            # Every address at once: a peer behind a NAT gives its private listen address
+            # first, which costs a whole dial timeout before its relayed one is tried.
+            errors: list[str] = []
+            async with trio.open_nursery() as attempts:
+
+                async def attempt(addr: str) -> None:
+                    try:
+                        await self.host.connect(addr)
+                    except DialError as exc:
+                        errors.append(str(exc))
+                        return
+                    attempts.cancel_scope.cancel()  # connected: the others can stop
+
+                for addr in self.addrs.get(peer, ()):
+                    attempts.start_soon(attempt, addr)
+            if errors and not self._alive(peer):
+                log.info("%s: cannot dial %s: %s", self.me[-8:], peer[-8:], "; ".join(errors))
 
         async with trio.open_nursery() as nursery:
             for peer in peers:

@@ -183,6 +183,22 @@ async def test_a_punch_dial_keeps_its_connection_when_the_round_ends() -> None:
         assert bytes(reply.payload) == b"still here"
 
 
+async def test_addresses_settle_with_a_relayed_address_or_when_no_relay_is_offered() -> None:
+    hidden_addr = ("/ip4/127.0.0.1/tcp/1",)  # nothing listens there: PRIVATE
+    async with _node() as plain, _node(announce=hidden_addr) as hidden:
+        assert not hidden.addresses_settled()  # reachability not known yet
+        await hidden.host.connect(plain.host.listen_addrs()[0])
+        await _until(lambda: hidden.host.reachability is Reachability.PRIVATE, 10)
+        await _until(hidden.addresses_settled, 5)  # its only peer does not relay
+        assert not hidden.host.relayed_addrs
+        await _until(lambda: _settled(plain, hidden), 15)
+    async with _node(relay=True) as relay, _node(announce=hidden_addr) as hidden:
+        await hidden.host.connect(relay.host.listen_addrs()[0])
+        await _until(hidden.addresses_settled, 10)  # only once it holds a relayed address
+        assert hidden.host.reachability is Reachability.PRIVATE and hidden.host.relayed_addrs
+        await _until(lambda: _settled(relay, hidden), 15)
+
+
 async def test_circuit_dial_to_a_peer_without_reservation_fails_cleanly() -> None:
     async with _node(relay=True) as relay_svc, _node() as dialer_svc:
         relay, dialer = relay_svc.host, dialer_svc.host

@@ -34,8 +34,8 @@ from shoal.training.diloco import DilocoConfig, DilocoPeer
 from shoal.training.init import init_weights
 from shoal.training.run import RunConfig, RunEvent, TrainingRun, run_local
 from shoal.training.runlog import SECTION, RoundRecord, run_entry
-from shoal.transport.host import Host, Reachability
 from shoal.transport.logs import route_libp2p_logs
+from shoal.transport.nat import NatService
 
 BYTE_VOCAB = 258  # 256 bytes, BOS, EOS: shoal-tiny's byte-level tokenizer
 
@@ -221,17 +221,16 @@ def _summary(
 ADDRESS_WAIT = 15.0  # at most, before a joiner gives the run its addresses
 
 
-async def _addresses_settled(host: Host, seconds: float) -> None:
+async def _addresses_settled(nat: NatService, seconds: float) -> None:
     """Wait until this node knows whether others can reach it and, behind a NAT, holds a
-    relayed address: its READY gives the run's members the addresses they dial it at,
-    and peers behind other NATs reach it only through the relay (then DCUtR). Without
-    the wait a joiner behind a NAT gave only its private address, and the others dropped
-    it from its first round (tests/test_nat.py, the DiLoCo run across two NATs)."""
+    relayed address (when a peer offers to relay): its READY gives the run's members the
+    addresses they dial it at, and peers behind other NATs reach it only through a relay
+    (then DCUtR). Without the wait a joiner behind a NAT gave only its private address,
+    and the others dropped it from its first round (tests/test_nat.py, the DiLoCo run
+    across two NATs)."""
     with trio.move_on_after(seconds):
-        # Polling: reachability is a plain attribute that NatService sets.
-        while host.reachability is Reachability.UNKNOWN or (  # noqa: ASYNC110
-            host.reachability is Reachability.PRIVATE and not host.relayed_addrs
-        ):
+        # Polling: NatService sets plain attributes, with no event to wait on.
+        while not nat.addresses_settled():  # noqa: ASYNC110
             await trio.sleep(0.1)
 
 
@@ -258,7 +257,7 @@ async def train_swarm(
         for addr in bootstrap:
             bootstrap_ids.append(str(await node.host.connect(addr)))
         if bootstrap:
-            await _addresses_settled(node.host, ADDRESS_WAIT)
+            await _addresses_settled(node.nat, ADDRESS_WAIT)
         if not bootstrap:
             console.print(
                 f"founded run {options.run}; other peers join with:\n"

@@ -176,6 +176,18 @@ class NatService:
     def reservations(self) -> list[Slot]:
         return self._relays.slots(trio.current_time())
 
+    def addresses_settled(self) -> bool:
+        """Whether the addresses this node advertises are what they will be for now: its
+        reachability is known and, when private, it holds a relayed address or no
+        connected peer offers to relay (so none is coming)."""
+        reachability = self.host.reachability
+        if reachability is Reachability.UNKNOWN:
+            return False
+        if reachability is Reachability.PUBLIC or self.host.relayed_addrs:
+            return True
+        store = self.host.libp2p.get_peerstore()
+        return not any(HOP_PROTOCOL in _protocols(store, p) for p in self._direct_peers())
+
     # ---- lifecycle ------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

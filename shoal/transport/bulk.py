@@ -74,9 +74,7 @@ TOKEN_TTL = 10.0
 MAX_PENDING = 64  # tokens handed out and not used yet, per node
 MAX_PENDING_PER_PEER = 8
 MAX_UNAUTHENTICATED = 64  # connections still to send their token
-CONNECT_TIMEOUT = (
-    1.0  # (a hole-punched peer's bulk port has no NAT mapping: lost once, then punched)
-)
+CONNECT_TIMEOUT = 1.0  # (lost once to a NATed peer's bulk port, then it is punched)
 PUNCH_TIMEOUT = 5.0  # a simultaneous open: a dropped SYN is sent again after 1 s, then 3 s
 PUNCH_RETRY = 0.05  # after a reset (no NAT between: the other end was not listening yet)
 UNREACHABLE_RETRY = 60.0  # first wait before a peer whose bulk port was unreachable is retried
@@ -501,15 +499,9 @@ class Bulk:
             dialer = await _bound_socket(self._listen_ip(), reuse_port=True)
             port = dialer.getsockname()[1]
             try:
-                listener = await _bound_socket(self._listen_ip(), port, reuse_port=True)
+                listener = await _bound_socket(self._listen_ip(), port, listen=True)
             except BaseException:
                 dialer.close()
-                raise
-            try:
-                listener.listen(1)
-            except BaseException:
-                dialer.close()
-                listener.close()
                 raise
             reply["punch"] = port
             self._punching[peer] = mine + 1
@@ -668,17 +660,20 @@ def _is_port(value: object) -> TypeGuard[int]:
 
 
 async def _bound_socket(
-    ip: str, port: int = 0, *, reuse_port: bool = False
+    ip: str, port: int = 0, *, reuse_port: bool = False, listen: bool = False
 ) -> trio.socket.SocketType:
     """A TCP socket bound to ``ip:port`` (port 0: a fresh one), to dial from;
-    ``reuse_port``: one that may share its port with a listener."""
+    ``reuse_port``: one that may share its port with a listener; ``listen``: that
+    listener (it shares the port too)."""
     sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
     try:
         # Rebinding the port after a refused attempt (nothing lingers: never connected).
         sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
-        if reuse_port:
+        if reuse_port or listen:
             sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
         await sock.bind((ip, port))
+        if listen:
+            sock.listen(1)
     except BaseException:
         sock.close()
         raise
